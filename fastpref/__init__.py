@@ -1,0 +1,34 @@
+"""fastpref: fused kernels and a thin trainer for DPO-family preference optimization.
+
+Public ops: :func:`linear_logps`, :func:`logits_logps` (per-sequence log-probs), :func:`preference_loss`
+(the DPO loss family), :func:`backends` (which implementations exist here). Float64 oracles of each op live in
+:mod:`fastpref.reference`. The trainer (:class:`PreferenceConfig`, :class:`PreferenceTrainer`) needs the
+``train`` extra and is imported on first use.
+"""
+
+from __future__ import annotations
+
+from .backends import BackendUnavailableError, backends
+from .logps import LogpsOutput, linear_logps, logits_logps
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "preference_loss": ("fastpref.losses", "preference_loss"),
+    "PreferenceLossOutput": ("fastpref.losses", "PreferenceLossOutput"),
+    "PreferenceConfig": ("fastpref.trainer", "PreferenceConfig"),
+    "PreferenceTrainer": ("fastpref.trainer", "PreferenceTrainer"),
+}
+
+__all__ = ["BackendUnavailableError", "LogpsOutput", "backends", "linear_logps", "logits_logps", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastpref' has no attribute {name!r}")

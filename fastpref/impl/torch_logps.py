@@ -1,0 +1,135 @@
+"""Pure-PyTorch log-prob kernels: tiles of rows × vocabulary with an online log-sum-exp.
+
+Works on any device and never holds an [N, V] tensor: at most ``ROW_BLOCK × VOCAB_BLOCK`` float32 logits at a
+time. Scored rows are gathered first, so ignored rows cost no vocabulary work (on CUDA that gather is one
+host sync; this backend is the portable fallback, the Triton one avoids it). Tiles are computed in float32
+from upcast operands, so half-precision inputs get float32 accumulation.
+
+Gradient of log p_t with respect to the (capped, tempered) logits z_t is onehot(y_t) − softmax(z_t); through
+the temperature it is divided by T and through the softcap multiplied by 1 − tanh²(a/c), a the raw logit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_BLOCK = 1024
+VOCAB_BLOCK = 4096
+
+
+def _scored_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return (labels != ignore_index).nonzero().squeeze(1)
+
+
+def _raw_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = hidden.float() @ weight.float().T
+    return logits if bias is None else logits + bias.float()
+
+
+def _cap_and_temper(raw: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    z = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    return z / temperature
+
+
+def _online_lse_and_target(tiles, labels: torch.Tensor, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consume (vocab_start, z tile [rows, v]) pairs; return (logsumexp, target logit) per row, float32."""
+    running_max = torch.full((rows,), float("-inf"), device=device)
+    running_sum = torch.zeros(rows, device=device)
+    target = torch.zeros(rows, device=device)
+    for start, z in tiles:
+        tile_max = torch.maximum(running_max, z.max(dim=1).values)
+        running_sum = running_sum * torch.exp(running_max - tile_max) + torch.exp(z - tile_max[:, None]).sum(1)
+        running_max = tile_max
+        local = labels - start
+        inside = (local >= 0) & (local < z.shape[1])
+        picked = z.gather(1, local.clamp(0, z.shape[1] - 1)[:, None]).squeeze(1)
+        target = torch.where(inside, picked, target)
+    return running_max + torch.log(running_sum), target
+
+
+def _linear_tiles(hidden, weight, bias, temperature, softcap):
+    for start in range(0, weight.shape[0], VOCAB_BLOCK):
+        end = min(start + VOCAB_BLOCK, weight.shape[0])
+        b = None if bias is None else bias[start:end]
+        yield start, _cap_and_temper(_raw_logits(hidden, weight[start:end], b), temperature, softcap)
+
+
+def _logits_tiles(logits, temperature):
+    for start in range(0, logits.shape[1], VOCAB_BLOCK):
+        yield start, logits[:, start:start + VOCAB_BLOCK].float() / temperature
+
+
+def _forward(rows_tensor, labels, ignore_index, need_lse, tiles_of):
+    n = rows_tensor.shape[0]
+    token_logps = torch.zeros(n, device=rows_tensor.device)
+    lse = torch.zeros(n if need_lse else 0, device=rows_tensor.device)
+    scored = _scored_rows(labels, ignore_index)
+    for chunk in scored.split(ROW_BLOCK):
+        rows_lse, target = _online_lse_and_target(tiles_of(rows_tensor[chunk]), labels[chunk], chunk.numel(),
+                                                  rows_tensor.device)
+        token_logps[chunk] = target - rows_lse
+        if need_lse:
+            lse[chunk] = rows_lse
+    return token_logps, lse
+
+
+def linear_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, need_lse):
+    return _forward(hidden, labels, ignore_index, need_lse,
+                    lambda h: _linear_tiles(h, weight, bias, temperature, softcap))
+
+
+def logits_forward(logits, labels, ignore_index, temperature, need_lse):
+    return _forward(logits, labels, ignore_index, need_lse, lambda z: _logits_tiles(z, temperature))
+
+
+def _grad_wrt_z(z, lse, labels, start, grad):
+    """(onehot(y) − softmax(z)) · g for one tile, float32."""
+    dz = -torch.exp(z - lse[:, None]) * grad[:, None]
+    local = labels - start
+    inside = (local >= 0) & (local < z.shape[1])
+    dz[inside, local[inside]] += grad[inside]
+    return dz
+
+
+def linear_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, temperature, softcap,
+                    need_hidden, need_weight, need_bias):
+    device = hidden.device
+    dh = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
+    dw = torch.zeros(weight.shape, device=device, dtype=torch.float32) if need_weight else None
+    db = torch.zeros(weight.shape[0], device=device, dtype=torch.float32) if need_bias else None
+    active = ((labels != ignore_index) & (grad_rows != 0)).nonzero().squeeze(1)
+    for chunk in active.split(ROW_BLOCK):
+        h = hidden[chunk].float()
+        chunk_dh = torch.zeros_like(h) if need_hidden else None
+        for start in range(0, weight.shape[0], VOCAB_BLOCK):
+            end = min(start + VOCAB_BLOCK, weight.shape[0])
+            w = weight[start:end].float()
+            raw = h @ w.T
+            if bias is not None:
+                raw = raw + bias[start:end].float()
+            z = _cap_and_temper(raw, temperature, softcap)
+            draw = _grad_wrt_z(z, lse[chunk], labels[chunk], start, grad_rows[chunk]) / temperature
+            if softcap is not None:
+                draw = draw * (1 - torch.tanh(raw / softcap) ** 2)
+            if need_hidden:
+                chunk_dh += draw @ w
+            if need_weight:
+                dw[start:end] += draw.T @ h
+            if need_bias:
+                db[start:end] += draw.sum(0)
+        if need_hidden:
+            dh[chunk] = chunk_dh
+    return (None if dh is None else dh.to(hidden.dtype),
+            None if dw is None else dw.to(weight.dtype),
+            None if db is None else db.to(bias.dtype))
+
+
+def logits_backward(logits, labels, lse, grad_rows, ignore_index, temperature):
+    dlogits = torch.zeros_like(logits)
+    active = ((labels != ignore_index) & (grad_rows != 0)).nonzero().squeeze(1)
+    for chunk in active.split(ROW_BLOCK):
+        for start in range(0, logits.shape[1], VOCAB_BLOCK):
+            z = logits[chunk, start:start + VOCAB_BLOCK].float() / temperature
+            dz = _grad_wrt_z(z, lse[chunk], labels[chunk], start, grad_rows[chunk]) / temperature
+            dlogits[chunk, start:start + VOCAB_BLOCK] = dz.to(logits.dtype)
+    return dlogits

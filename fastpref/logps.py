@@ -1,0 +1,158 @@
+"""Per-sequence log-probabilities: ``linear_logps`` (from hidden states and the lm_head weight, no logits) and
+``logits_logps`` (from ready logits).
+
+For row t with target y_t, logits z_t = h_t·Wᵀ (+ b); with a softcap c, z_t = c·tanh(z_t / c); then
+z_t = z_t / temperature, and
+
+    log p_t = z_t[y_t] − logsumexp(z_t),      logps_s = Σ_{t ∈ s, y_t ≠ ignore} w_t · log p_t.
+
+The backend kernel returns the per-row log p_t (0 at ignored rows) and its exact gradient for any upstream
+gradient on it; the per-sequence weighted sum is taken here with plain differentiable tensor ops, so an
+upstream gradient on ``logps`` and one on ``token_logps`` both reach the kernel as one per-row gradient
+g_t = ∂L/∂logps_s · w_t + ∂L/∂token_logps_t.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .backends import resolve_backend
+from .impl import logps_kernels
+from .logps_inputs import LogpsProblem, check_linear_logps_args, check_logits_logps_args
+
+
+class LogpsOutput(NamedTuple):
+    """Result of :func:`linear_logps` / :func:`logits_logps`.
+
+    logps:       [S] float32, Σ_t w_t · log p_t over each sequence's scored rows (0 for a sequence with none).
+    counts:      [S] int64, scored rows per sequence (0 for a sequence with none).
+    token_logps: shape of labels, float32, unweighted log p_t, 0 at ignored rows; None unless asked for.
+    """
+
+    logps: torch.Tensor
+    counts: torch.Tensor
+    token_logps: torch.Tensor | None = None
+
+
+class _LinearTokenLogps(torch.autograd.Function):
+    """Per-row log p_t from hidden rows and the lm_head weight; backward recomputes the logits tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, softcap, kernels):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        token_logps, lse = kernels.linear_forward(hidden, weight, bias, labels, ignore_index, temperature,
+                                                  softcap, needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+            ctx.args = (ignore_index, temperature, softcap, kernels)
+        ctx.mark_non_differentiable(lse)
+        return token_logps, lse
+
+    @staticmethod
+    def backward(ctx, grad_token_logps, _grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        ignore_index, temperature, softcap, kernels = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh, dw, db = kernels.linear_backward(hidden, weight, bias, labels, lse,
+                                             grad_token_logps.float().contiguous(), ignore_index, temperature,
+                                             softcap, need_h, need_w, need_b and bias is not None)
+        return dh, dw, db, None, None, None, None, None
+
+
+class _LogitsTokenLogps(torch.autograd.Function):
+    """Per-row log p_t from ready logits, never upcasting the whole logits tensor."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, temperature, kernels):
+        needs_grad = ctx.needs_input_grad[0]
+        token_logps, lse = kernels.logits_forward(logits, labels, ignore_index, temperature, needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(logits, labels, lse)
+            ctx.args = (ignore_index, temperature, kernels)
+        ctx.mark_non_differentiable(lse)
+        return token_logps, lse
+
+    @staticmethod
+    def backward(ctx, grad_token_logps, _grad_lse):
+        logits, labels, lse = ctx.saved_tensors
+        ignore_index, temperature, kernels = ctx.args
+        dlogits = kernels.logits_backward(logits, labels, lse, grad_token_logps.float().contiguous(),
+                                          ignore_index, temperature)
+        return dlogits, None, None, None, None
+
+
+def sequence_sums(values: torch.Tensor, problem: LogpsProblem) -> torch.Tensor:
+    """Σ of per-row `values` [N] over each sequence of `problem` → [S], deterministic and without host syncs.
+
+    Padded problems sum each row of the [B, T] view; packed ones take differences of a float64 (or int64)
+    prefix sum at the ``cu_seqlens`` boundaries.
+    """
+    if problem.padded:
+        return values.view(problem.label_shape).sum(dim=1)
+    if values.dtype.is_floating_point:
+        prefix = F.pad(values.double().cumsum(0), (1, 0))
+        return (prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]).to(values.dtype)
+    prefix = F.pad(values.cumsum(0), (1, 0))
+    return prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]
+
+
+def _reduce(problem: LogpsProblem, token_logps: torch.Tensor, return_token_logps: bool) -> LogpsOutput:
+    scored = problem.labels != problem.ignore_index
+    weighted = token_logps if problem.token_weights is None else token_logps * problem.token_weights.float()
+    logps = sequence_sums(weighted, problem)
+    counts = sequence_sums(scored.to(torch.int64), problem)
+    token_out = token_logps.view(problem.label_shape) if return_token_logps else None
+    return LogpsOutput(logps=logps, counts=counts, token_logps=token_out)
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+                 bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
+                 softcap: float | None = None, token_weights: torch.Tensor | None = None,
+                 cu_seqlens: torch.Tensor | None = None, return_token_logps: bool = False,
+                 backend: str | None = None) -> LogpsOutput:
+    """Per-sequence log-probs Σ_t w_t·log softmax(z_t)[labels_t] from hidden states, never building [N, V] logits.
+
+    Args:
+        hidden: [B, T, D] (one sequence per batch row) or [N, D] packed rows.
+        weight: [V, D] lm_head weight, same dtype and device as ``hidden``.
+        labels: [B, T] or [N] integer targets aligned with rows (row t scores labels[t]; the caller shifts).
+            Rows equal to ``ignore_index`` count nothing and cost no vocabulary work.
+        bias: optional [V] lm_head bias.
+        temperature: logits are divided by it (after the softcap).
+        softcap: if given, z = softcap·tanh(z/softcap) (Gemma-2 style) before the temperature.
+        token_weights: optional per-row weights w_t, shape of labels; default 1.
+        cu_seqlens: [S+1] int32/int64 sequence boundaries of the packed form (starts at 0, ends at N);
+            packed input without it is one sequence.
+        return_token_logps: also return the unweighted per-row log-probs (0 at ignored rows).
+        backend: "triton", "cpp", "torch" or None (see :mod:`fastpref.backends`).
+
+    Returns:
+        :class:`LogpsOutput` (``logps`` [S] float32, ``counts`` [S] int64, ``token_logps`` or None).
+        Differentiable, exactly, with respect to hidden, weight and bias (and token_weights) for any upstream
+        gradient on ``logps`` and ``token_logps``. A sequence without scored rows has logps 0 and count 0.
+    """
+    problem, weight, bias = check_linear_logps_args(hidden, weight, labels, bias, ignore_index, temperature,
+                                                    softcap, token_weights, cu_seqlens)
+    kernels = logps_kernels(resolve_backend(backend, problem.rows.device))
+    token_logps, _ = _LinearTokenLogps.apply(problem.rows, weight, bias, problem.labels, problem.ignore_index,
+                                             problem.temperature, problem.softcap, kernels)
+    return _reduce(problem, token_logps, return_token_logps)
+
+
+def logits_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                 temperature: float = 1.0, token_weights: torch.Tensor | None = None,
+                 cu_seqlens: torch.Tensor | None = None, return_token_logps: bool = False,
+                 backend: str | None = None) -> LogpsOutput:
+    """Per-sequence log-probs from ready logits [B, T, V] or [N, V] (+ ``cu_seqlens``); see :func:`linear_logps`.
+
+    The logits are read block by block in their own dtype with float32 accumulation: the whole tensor is never
+    upcast. Differentiable with respect to ``logits``.
+    """
+    problem = check_logits_logps_args(logits, labels, ignore_index, temperature, token_weights, cu_seqlens)
+    kernels = logps_kernels(resolve_backend(backend, problem.rows.device))
+    token_logps, _ = _LogitsTokenLogps.apply(problem.rows, problem.labels, problem.ignore_index,
+                                             problem.temperature, kernels)
+    return _reduce(problem, token_logps, return_token_logps)

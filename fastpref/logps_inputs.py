@@ -1,0 +1,209 @@
+"""Checks and normalizes the arguments of the log-prob ops into one packed problem.
+
+Every backend sees the same normalized problem: ``rows`` [N, K] (hidden states with K = D, or logits with
+K = V), ``labels`` [N] int64, optional ``token_weights`` [N], and ``cu_seqlens`` [S+1] int64 giving each
+sequence's row range. The padded form [B, T, ·] is the packed form with B sequences of T rows each.
+
+Bad input raises ``TypeError``/``ValueError`` naming the argument. Shape, dtype and device checks cost
+nothing; the checks that read tensor values (labels in range, ``cu_seqlens`` well formed) are combined into
+one tensor that is read once — a single host sync on CUDA. ``FASTPREF_SKIP_VALUE_CHECKS=1`` removes it; the
+kernels stay memory-safe without it (they never use a label as an address), but results for bad labels are
+then undefined.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class LogpsProblem:
+    """One log-prob problem in packed form (see the module docstring)."""
+
+    rows: torch.Tensor
+    labels: torch.Tensor
+    token_weights: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    label_shape: torch.Size
+    padded: bool
+    ignore_index: int
+    temperature: float
+    softcap: float | None
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+
+def _require_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
+
+
+def _check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if tensor.device != ref.device:
+        raise ValueError(f"{name} is on {tensor.device} but {ref_name} is on {ref.device}")
+
+
+def _check_scalars(ignore_index, temperature, softcap) -> tuple[int, float, float | None]:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a number or None, got {type(softcap).__name__}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+        softcap = float(softcap)
+    return ignore_index, float(temperature), softcap
+
+
+def value_checks_enabled() -> bool:
+    return os.environ.get("FASTPREF_SKIP_VALUE_CHECKS", "0") not in {"1", "true", "yes", "on"}
+
+
+def _check_values(labels: torch.Tensor, ignore_index: int, vocab: int, cu_seqlens: torch.Tensor | None,
+                  num_rows: int, cu_given: bool) -> None:
+    """Reads every data-dependent condition in one go (one host sync) and raises on the first that fails."""
+    if not value_checks_enabled():
+        return
+    scored = labels != ignore_index
+    flags = [
+        (scored & (labels < 0)).any(),
+        (scored & (labels >= vocab)).any(),
+    ]
+    if cu_given:
+        flags += [
+            cu_seqlens[0] != 0,
+            (cu_seqlens[1:] < cu_seqlens[:-1]).any(),
+            cu_seqlens[-1] != num_rows,
+        ]
+    bad = torch.stack(flags).tolist()
+    messages = [
+        f"labels hold negative values other than ignore_index={ignore_index}",
+        f"labels hold values >= the vocabulary size {vocab}",
+        "cu_seqlens must start at 0",
+        "cu_seqlens must be non-decreasing",
+        f"cu_seqlens must end at the number of rows N={num_rows}",
+    ]
+    for failed, message in zip(bad, messages):
+        if failed:
+            raise ValueError(message)
+
+
+def _normalize_rows(rows_name: str, rows: torch.Tensor, labels: torch.Tensor, token_weights, cu_seqlens,
+                    vocab: int, ignore_index: int, temperature: float, softcap: float | None) -> LogpsProblem:
+    """Shared shape logic of both ops: [B, T, K] + [B, T] labels, or [N, K] + [N] labels (+ cu_seqlens)."""
+    labels = _require_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    _check_same_device("labels", labels, rows_name, rows)
+    if rows.dim() == 3:
+        if labels.shape != rows.shape[:2]:
+            raise ValueError(f"labels must have shape {tuple(rows.shape[:2])} to match {rows_name} "
+                             f"{tuple(rows.shape)}, got {tuple(labels.shape)}")
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens is only for the packed form ({rows_name} [N, ·]); "
+                             f"got {rows_name} of shape {tuple(rows.shape)}")
+        batch, steps = labels.shape
+        padded = True
+        cu = torch.arange(0, (batch + 1) * steps, steps, device=rows.device, dtype=torch.int64)
+        if steps == 0:
+            cu = torch.zeros(batch + 1, device=rows.device, dtype=torch.int64)
+    elif rows.dim() == 2:
+        if labels.shape != rows.shape[:1]:
+            raise ValueError(f"labels must have shape ({rows.shape[0]},) to match {rows_name} "
+                             f"{tuple(rows.shape)}, got {tuple(labels.shape)}")
+        padded = False
+        if cu_seqlens is None:
+            cu = torch.tensor([0, rows.shape[0]], device=rows.device, dtype=torch.int64)
+        else:
+            cu_seqlens = _require_tensor("cu_seqlens", cu_seqlens)
+            if cu_seqlens.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape "
+                                 f"{tuple(cu_seqlens.shape)}")
+            _check_same_device("cu_seqlens", cu_seqlens, rows_name, rows)
+            cu = cu_seqlens.to(torch.int64)
+    else:
+        raise ValueError(f"{rows_name} must be [B, T, K] or [N, K], got shape {tuple(rows.shape)}")
+
+    if token_weights is not None:
+        token_weights = _require_tensor("token_weights", token_weights)
+        _check_float("token_weights", token_weights)
+        _check_same_device("token_weights", token_weights, rows_name, rows)
+        if token_weights.shape != labels.shape:
+            raise ValueError(f"token_weights must have the shape of labels {tuple(labels.shape)}, "
+                             f"got {tuple(token_weights.shape)}")
+        token_weights = token_weights.reshape(-1)
+
+    flat_labels = labels.reshape(-1).to(torch.int64)
+    _check_values(flat_labels, ignore_index, vocab, cu, flat_labels.numel(), cu_given=cu_seqlens is not None)
+    return LogpsProblem(
+        rows=rows.reshape(-1, rows.shape[-1]),
+        labels=flat_labels,
+        token_weights=token_weights,
+        cu_seqlens=cu,
+        label_shape=labels.shape,
+        padded=padded,
+        ignore_index=ignore_index,
+        temperature=temperature,
+        softcap=softcap,
+    )
+
+
+def check_linear_logps_args(hidden, weight, labels, bias, ignore_index, temperature, softcap, token_weights,
+                            cu_seqlens) -> tuple[LogpsProblem, torch.Tensor, torch.Tensor | None]:
+    """Validate ``linear_logps`` arguments; returns the problem (rows = hidden) and the checked weight, bias."""
+    hidden = _require_tensor("hidden", hidden)
+    weight = _require_tensor("weight", weight)
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must equal hidden dtype {hidden.dtype}")
+    _check_same_device("weight", weight, "hidden", hidden)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [B, T, D] or [N, D] with D = weight.shape[1] = {weight.shape[1]}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row")
+    if bias is not None:
+        bias = _require_tensor("bias", bias)
+        _check_same_device("bias", bias, "hidden", hidden)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must equal hidden dtype {hidden.dtype}")
+    ignore_index, temperature, softcap = _check_scalars(ignore_index, temperature, softcap)
+    problem = _normalize_rows("hidden", hidden, labels, token_weights, cu_seqlens, weight.shape[0],
+                              ignore_index, temperature, softcap)
+    return problem, weight, bias
+
+
+def check_logits_logps_args(logits, labels, ignore_index, temperature, token_weights, cu_seqlens) -> LogpsProblem:
+    """Validate ``logits_logps`` arguments; returns the problem with rows = logits."""
+    logits = _require_tensor("logits", logits)
+    _check_float("logits", logits)
+    if logits.dim() not in (2, 3) or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [B, T, V] or [N, V] with V >= 1, got shape {tuple(logits.shape)}")
+    ignore_index, temperature, _ = _check_scalars(ignore_index, temperature, None)
+    return _normalize_rows("logits", logits, labels, token_weights, cu_seqlens, logits.shape[-1],
+                           ignore_index, temperature, None)
