@@ -1,0 +1,301 @@
+"""fastpref.linear_logps / logits_logps on every backend present, against the float64 oracle.
+
+Error rule (Cut Cross-Entropy's): the fast path's error against float64 may not exceed the error of plain
+eager PyTorch in the same dtype plus a small tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import available_backends
+
+import fastpref
+from fastpref import reference
+
+BACKENDS = available_backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Relative slack over the eager same-dtype error, and an absolute floor per dtype.
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}
+
+
+def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 is checked on the GPU (tests/test_gpu_*)")
+
+
+def _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu_seqlens):
+    """What a user writes today, in the inputs' dtype: full logits, float32 log_softmax, gather."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return reference.logits_logps(z.float(), labels, temperature=temperature, token_weights=token_weights,
+                                  cu_seqlens=cu_seqlens, return_token_logps=True)
+
+
+def _random_case(packed: bool, n_seq: int, steps: int, dim: int, vocab: int, dtype, seed: int, ignored=0.35,
+                 with_bias=False, weighted=False):
+    gen = torch.Generator().manual_seed(seed)
+    scale = dim ** -0.5
+    if packed:
+        lengths = torch.randint(1, 2 * steps, (n_seq,), generator=gen)
+        lengths[0] = 1
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        rows = int(cu[-1])
+        hidden = torch.randn(rows, dim, generator=gen)
+        label_shape = (rows,)
+    else:
+        cu = None
+        hidden = torch.randn(n_seq, steps, dim, generator=gen)
+        label_shape = (n_seq, steps)
+    weight = torch.randn(vocab, dim, generator=gen) * scale * 4
+    labels = torch.randint(0, vocab, label_shape, generator=gen)
+    labels[torch.rand(label_shape, generator=gen) < ignored] = -100
+    bias = torch.randn(vocab, generator=gen) if with_bias else None
+    token_weights = torch.rand(label_shape, generator=gen) + 0.5 if weighted else None
+    hidden, weight = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_()
+    if bias is not None:
+        bias = bias.to(dtype).requires_grad_()
+    return hidden, weight, labels, bias, token_weights, cu
+
+
+def _grads(out_logps, out_tokens, params, g_seq, g_tok):
+    loss = (out_logps.double() * g_seq).sum() + (out_tokens.double() * g_tok).sum()
+    return torch.autograd.grad(loss, [p for p in params if p is not None])
+
+
+def _assert_within_eager(name, fast, eager, oracle, dtype):
+    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
+    err_fast = (fast - oracle).abs().max().item()
+    err_eager = (eager - oracle).abs().max().item()
+    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
+
+
+CASES = [
+    # packed, sequences, steps, D, V, softcap, temperature, bias, token weights
+    pytest.param(False, 3, 5, 33, 301, None, 1.0, False, False, id="padded"),
+    pytest.param(True, 4, 4, 17, 257, None, 1.0, False, True, id="packed-weighted"),
+    pytest.param(False, 2, 1, 9, 130, 5.0, 0.7, True, False, id="T1-softcap-temp-bias"),
+    pytest.param(True, 3, 3, 24, 515, 3.0, 1.3, True, True, id="packed-all"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed,n_seq,steps,dim,vocab,softcap,temperature,with_bias,weighted", CASES)
+def test_linear_logps_matches_oracle(backend, dtype, packed, n_seq, steps, dim, vocab, softcap, temperature,
+                                     with_bias, weighted):
+    _skip_unsupported(backend, dtype)
+    seed = hash((backend, str(dtype), packed, dim, vocab)) % 10_000
+    hidden, weight, labels, bias, token_weights, cu = _random_case(
+        packed, n_seq, steps, dim, vocab, dtype, seed, with_bias=with_bias, weighted=weighted)
+    kwargs = dict(bias=bias, softcap=softcap, temperature=temperature, token_weights=token_weights,
+                  cu_seqlens=cu)
+    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, backend=backend, **kwargs)
+    oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True, **kwargs)
+    eager = _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
+
+    assert out.logps.dtype == torch.float32 and out.counts.dtype == torch.int64
+    assert torch.equal(out.counts, oracle.counts)
+    assert out.token_logps.shape == labels.shape
+    assert torch.all(out.token_logps[labels == -100] == 0)
+    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    _assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
+
+    # Non-uniform upstream gradients on both outputs.
+    gen = torch.Generator().manual_seed(seed + 1)
+    g_seq = torch.randn(out.logps.shape, generator=gen, dtype=torch.float64)
+    g_tok = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
+    params = (hidden, weight, bias)
+    fast_grads = _grads(out.logps, out.token_logps, params, g_seq, g_tok)
+    oracle_grads = _grads(oracle.logps, oracle.token_logps, params, g_seq, g_tok)
+    eager_grads = _grads(eager.logps, eager.token_logps, params, g_seq, g_tok)
+    for name, fast, eg, orc, p in zip(("hidden", "weight", "bias"), fast_grads, eager_grads, oracle_grads,
+                                      [p for p in params if p is not None]):
+        assert fast.dtype == p.dtype and fast.shape == p.shape
+        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_logits_logps_matches_oracle(backend, dtype, packed):
+    _skip_unsupported(backend, dtype)
+    gen = torch.Generator().manual_seed(7)
+    vocab = 263
+    if packed:
+        cu = torch.tensor([0, 3, 3, 10, 11])
+        shape = (11,)
+    else:
+        cu, shape = None, (3, 6)
+    logits = (torch.randn(*shape, vocab, generator=gen) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < 0.3] = -100
+    weights = torch.rand(shape, generator=gen) + 0.5
+    kwargs = dict(temperature=0.8, token_weights=weights, cu_seqlens=cu, return_token_logps=True)
+    out = fastpref.logits_logps(logits, labels, backend=backend, **kwargs)
+    oracle = reference.logits_logps(logits, labels, **kwargs)
+    eager = reference.logits_logps(logits.float(), labels, **kwargs)
+    assert torch.equal(out.counts, oracle.counts)
+    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    g_seq = torch.randn(out.logps.shape, generator=gen, dtype=torch.float64)
+    g_tok = torch.randn(shape, generator=gen, dtype=torch.float64)
+    (fast,) = _grads(out.logps, out.token_logps, (logits,), g_seq, g_tok)
+    (orc,) = _grads(oracle.logps, oracle.token_logps, (logits,), g_seq, g_tok)
+    (eg,) = _grads(eager.logps, eager.token_logps, (logits,), g_seq, g_tok)
+    assert fast.dtype == dtype
+    _assert_within_eager("grad logits", fast, eg, orc, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_without_scored_rows_is_zero_not_nan(backend):
+    hidden = torch.randn(3, 4, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 4))
+    labels[1] = -100
+    out = fastpref.linear_logps(hidden, weight, labels, backend=backend)
+    assert out.logps[1].item() == 0.0 and out.counts[1].item() == 0
+    assert torch.isfinite(out.logps).all()
+    out.logps.sum().backward()
+    assert torch.all(hidden.grad[1] == 0) and torch.isfinite(weight.grad).all()
+    empty = fastpref.linear_logps(hidden.detach().reshape(12, 8), weight.detach(), labels.reshape(12),
+                                  cu_seqlens=torch.tensor([0, 4, 4, 12]), backend=backend)
+    assert empty.logps[1].item() == 0.0 and empty.counts.tolist() == [4, 0, 4]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_gradient_rows_get_zero_gradient(backend):
+    """A sequence used only under stop-gradient (zero upstream gradient) contributes exactly nothing."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 97, (2, 5), generator=gen)
+    out = fastpref.linear_logps(hidden, weight, labels, backend=backend)
+    (out.logps * torch.tensor([0.0, 1.7])).sum().backward()
+    assert torch.all(hidden.grad[0] == 0)
+    solo = torch.autograd.grad(1.7 * fastpref.linear_logps(hidden[1:], weight, labels[1:], backend=backend).logps.sum(),
+                               weight)[0]
+    torch.testing.assert_close(weight.grad, solo, rtol=1e-5, atol=1e-6)
+
+
+def test_backends_report_and_default():
+    status = fastpref.backends()
+    assert set(status) == {"triton", "cpp", "torch"}
+    assert status["torch"].available
+    if os.environ.get("FASTPREF_NO_EXT") != "1":
+        assert status["cpp"].available, f"the compiled extension did not load: {status['cpp'].reason}"
+        assert hasattr(torch.ops.fastpref, "linear_logps_fwd")
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(10, 4)
+    labels = torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpref.linear_logps(hidden, weight, labels, backend="cuda")
+
+
+def test_env_var_picks_backend(monkeypatch):
+    from fastpref.backends import resolve_backend
+
+    monkeypatch.setenv("FASTPREF_BACKEND", "torch")
+    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    monkeypatch.delenv("FASTPREF_BACKEND")
+    expected = "cpp" if fastpref.backends()["cpp"].available else "torch"
+    assert resolve_backend(None, torch.device("cpu")) == expected
+
+
+def test_missing_backend_says_why(monkeypatch):
+    from fastpref import _ext
+    from fastpref.backends import BackendUnavailableError
+
+    monkeypatch.setattr(_ext, "_module", None)
+    monkeypatch.setattr(_ext, "_missing_reason", "fastpref._C was built for torch 0.0, running torch 9.9")
+    with pytest.raises(BackendUnavailableError, match="built for torch 0.0"):
+        fastpref.linear_logps(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), backend="cpp")
+
+
+def _args():
+    return torch.randn(2, 3, 8), torch.randn(11, 8), torch.randint(0, 11, (2, 3))
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda h, w, y, kw: (h, w, y.float(), kw), TypeError, "labels must be an integer"),
+    (lambda h, w, y, kw: (h, w, y[:, :2], kw), ValueError, "labels must have shape"),
+    (lambda h, w, y, kw: (h, w.double(), y, kw), TypeError, "weight dtype"),
+    (lambda h, w, y, kw: (h, w[:, :5], y, kw), ValueError, "hidden must be"),
+    (lambda h, w, y, kw: (h, w.to("meta"), y, kw), ValueError, "weight is on meta"),
+    (lambda h, w, y, kw: (h, w, y.clone().fill_(11), kw), ValueError, ">= the vocabulary size 11"),
+    (lambda h, w, y, kw: (h, w, y.clone().fill_(-3), kw), ValueError, "negative values"),
+    (lambda h, w, y, kw: (h, w, y, {"temperature": float("nan")}), ValueError, "temperature"),
+    (lambda h, w, y, kw: (h, w, y, {"temperature": 0.0}), ValueError, "temperature"),
+    (lambda h, w, y, kw: (h, w, y, {"softcap": 0.0}), ValueError, "softcap"),
+    (lambda h, w, y, kw: (h, w, y, {"softcap": float("inf")}), ValueError, "softcap"),
+    (lambda h, w, y, kw: (h, w, y, {"bias": torch.randn(10)}), ValueError, "bias must have shape"),
+    (lambda h, w, y, kw: (h, w, y, {"token_weights": torch.rand(3, 2)}), ValueError, "token_weights"),
+    (lambda h, w, y, kw: (h, w, y, {"cu_seqlens": torch.tensor([0, 6])}), ValueError, "packed form"),
+    (lambda h, w, y, kw: (h.reshape(6, 8), w, y.reshape(6), {"cu_seqlens": torch.tensor([1, 6])}),
+     ValueError, "start at 0"),
+    (lambda h, w, y, kw: (h.reshape(6, 8), w, y.reshape(6), {"cu_seqlens": torch.tensor([0, 4, 2, 6])}),
+     ValueError, "non-decreasing"),
+    (lambda h, w, y, kw: (h.reshape(6, 8), w, y.reshape(6), {"cu_seqlens": torch.tensor([0, 5])}),
+     ValueError, "end at the number of rows"),
+    (lambda h, w, y, kw: (h.reshape(6, 8), w, y.reshape(6), {"cu_seqlens": torch.tensor([0.0, 6.0])}),
+     TypeError, "cu_seqlens must be int32 or int64"),
+    (lambda h, w, y, kw: (h.int(), w.int(), y, kw), TypeError, "hidden must be float"),
+])
+def test_bad_input_names_the_argument(mutate, error, match):
+    hidden, weight, labels, kwargs = mutate(*_args(), {})
+    with pytest.raises(error, match=match):
+        fastpref.linear_logps(hidden, weight, labels, backend="torch", **kwargs)
+
+
+def test_logits_bad_input():
+    with pytest.raises(ValueError, match=">= the vocabulary size 7"):
+        fastpref.logits_logps(torch.randn(3, 7), torch.tensor([0, 7, 1]))
+    with pytest.raises(ValueError, match="logits must be"):
+        fastpref.logits_logps(torch.randn(7), torch.tensor([0]))
+
+
+_BOUNDED_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, fastpref
+    torch.manual_seed(0)
+    rows, dim, vocab = 256, 8, 2 ** 20
+    hidden = torch.randn(rows, dim, requires_grad=True)
+    weight = (torch.randn(vocab, dim) * 0.3).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fastpref.linear_logps(hidden, weight, labels, backend=sys.argv[1])
+    out.logps.sum().backward()
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(grown)
+""")
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpp") if b in BACKENDS])
+def test_large_vocabulary_runs_in_bounded_memory(backend):
+    """256 rows × 2^20 vocabulary: full float32 logits would take 1 GiB; the op must stay far below that."""
+    done = subprocess.run([sys.executable, "-c", _BOUNDED_MEMORY_SCRIPT, backend], capture_output=True, text=True,
+                          check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    grown = int(done.stdout.strip().splitlines()[-1])
+    weight_grad_bytes = 2 ** 20 * 8 * 4
+    assert grown < weight_grad_bytes + 200 * 2 ** 20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+
+
+def test_kernels_folder_is_not_a_top_level_package(tmp_path):
+    """The Triton kernels ship as fastpref.kernels; `import kernels` must never resolve to them."""
+    import importlib.util
+
+    assert importlib.util.find_spec("fastpref.kernels") is not None
+    probe = "import importlib.util, sys; s = importlib.util.find_spec('kernels'); print(s.origin if s else None)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert "fastpref" not in out.stdout and "/kernels/__init__.py" not in out.stdout
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    blocked = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=repo)
+    assert blocked.returncode != 0 and "fastpref.kernels" in blocked.stderr
