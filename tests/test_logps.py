@@ -289,7 +289,8 @@ def test_large_vocabulary_runs_in_bounded_memory(backend):
 
 
 def test_kernels_folder_is_not_a_top_level_package(tmp_path):
-    """The Triton kernels ship as fastpref.kernels; `import kernels` must never resolve to them."""
+    """The Triton kernels ship as fastpref.kernels. Outside a checkout `kernels` does not resolve to them; inside
+    one (root on sys.path) the folder refuses use and transformers' probe for the PyPI `kernels` sees nothing."""
     import importlib.util
 
     assert importlib.util.find_spec("fastpref.kernels") is not None
@@ -297,5 +298,9 @@ def test_kernels_folder_is_not_a_top_level_package(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert "fastpref" not in out.stdout and "/kernels/__init__.py" not in out.stdout
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    blocked = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=repo)
-    assert blocked.returncode != 0 and "fastpref.kernels" in blocked.stderr
+    blocked = subprocess.run([sys.executable, "-c", "from kernels import get_kernel"], capture_output=True,
+                             text=True, cwd=repo)
+    assert blocked.returncode != 0 and "use fastpref.kernels" in blocked.stderr
+    probe = "from transformers.utils.import_utils import is_kernels_available as k; print(k())"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo, check=True)
+    assert out.stdout.strip() == "False"
