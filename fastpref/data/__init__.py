@@ -1,0 +1,17 @@
+"""Preference data: loading (TRL formats), tokenization, the bundled synthetic set, and the data side of the
+seed papers — reward-augmented relabeling (arXiv 2410.08067) and self-critique pairs (rDPO, arXiv 2402.08005).
+"""
+
+from __future__ import annotations
+
+from .augment import reward_augment, reward_conditioned_prompt
+from .critique import parse_score, self_critique_pairs
+from .loading import extract_prompt, is_conversational, load_preference_dataset
+from .prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE, REWARD_AUGMENT_TEMPLATE, SR_DPO_REFINEMENT_PROMPT
+from .tokenization import TRUNCATION_MODES, tokenize_pair
+
+__all__ = [
+    "CRITIQUE_TEMPLATE", "REVISE_TEMPLATE", "REWARD_AUGMENT_TEMPLATE", "SR_DPO_REFINEMENT_PROMPT",
+    "TRUNCATION_MODES", "extract_prompt", "is_conversational", "load_preference_dataset", "parse_score",
+    "reward_augment", "reward_conditioned_prompt", "self_critique_pairs", "tokenize_pair",
+]
