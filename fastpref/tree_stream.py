@@ -1,0 +1,362 @@
+"""Tree-packed preference streams: every pair as [x, y_w, y_l] with the prompt x stored once.
+
+Layout of one micro-batch (batch 1, L rows, pairs back to back):
+
+    pair i:   x_i (a_i tokens)       y_w,i (m_i tokens)            y_l,i (n_i tokens)
+    position: o .. o+a_i−1           o+a_i .. o+a_i+m_i−1          o+a_i .. o+a_i+n_i−1
+
+(o = ``position_offset``, the length of a cached shared prefix, else 0). A query row q attends to key row k
+iff both belong to the same pair, k ≤ q in the stream, and not (q ∈ y_l and k ∈ y_w): y_l sees x but not y_w,
+pairs never see each other; with a cached prefix every row also sees all prefix columns. So each response is
+computed exactly as if [x, y] were a sequence of its own, and the prompt's transformer work is done once.
+
+Scoring: x_i's last row predicts the first token of both responses; y_w[j] is predicted by the row of y_w[j−1].
+The rows that predict something are gathered by ``row_index`` (x_i's last row appears twice: once in the chosen
+sequence with target y_w[0], once in the rejected one with target y_l[0]); ``labels`` holds the targets and
+``cu_seqlens`` the boundaries of the 2B scored sequences among the gathered rows, chosen sequences first (s < B
+is pair s's chosen response, s ≥ B pair s−B's rejected one), the collator's order. The gather is of D-sized
+hidden rows; its backward sums the two contributions of a shared row, so no transformer work is duplicated.
+
+Masks: :func:`tree_attention_mask` (4D boolean, True = attend; what sdpa takes), :func:`tree_additive_mask`
+(4D float, 0 / dtype-min; what eager attention takes), :func:`tree_block_mask` (flex_attention ``BlockMask``;
+what to use on CUDA), and :func:`attention_mask_for` picks by the model's attention implementation.
+
+Combinations that run without error in transformers 5.23 but compute the wrong thing are refused by
+:func:`check_attention_inputs` with a named :class:`UnsafeAttentionError` subclass (see each class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # role ids of a row
+
+IGNORE_INDEX = -100
+
+
+class UnsafeAttentionError(ValueError):
+    """A forward configuration that transformers would run silently and wrongly."""
+
+
+class EagerBooleanMaskError(UnsafeAttentionError):
+    """Eager attention ADDS the 4D mask to the scores: a boolean mask adds 1/0 instead of masking (no error)."""
+
+
+class TreeWithoutMaskError(UnsafeAttentionError):
+    """A tree stream passed with position_ids alone: transformers only splits sequences where positions restart
+    at 0, so y_l (positions continuing from x) would attend to y_w."""
+
+
+class FlashAttentionTreeError(UnsafeAttentionError):
+    """flash_attention_2/3 ignore a custom 4D mask (they derive sequences from position_ids or a 2D padding
+    mask), so a tree cannot be expressed with stock flash attention."""
+
+
+class PackedCacheError(UnsafeAttentionError):
+    """Packing by position_ids with a KV cache: transformers turns packed-sequence detection off when a cache
+    is given, so the packed sequences would attend to each other."""
+
+
+class SlidingWindowTreeError(UnsafeAttentionError):
+    """A custom 4D mask replaces the sliding-window mask on every layer; sequences longer than the window would
+    see too far back."""
+
+
+@dataclass(frozen=True)
+class TreeBatch:
+    """One micro-batch as a tree-packed stream (see the module docstring for the layout).
+
+    input_ids:    LongTensor [1, L] tokens, pairs back to back as [x, y_w, y_l].
+    position_ids: LongTensor [1, L] positions (restart at ``position_offset`` for each pair; y_l continues x).
+    pair_ids:     LongTensor [L] index of the pair each row belongs to.
+    role_ids:     LongTensor [L] PROMPT (0), CHOSEN (1) or REJECTED (2).
+    row_index:    LongTensor [n] stream rows that predict a response token, chosen sequences first.
+    labels:       LongTensor [n] the token predicted by each gathered row.
+    cu_seqlens:   LongTensor [2B+1] boundaries of the 2B scored sequences among the gathered rows.
+    num_pairs:    B.
+    position_offset: length of the shared prefix the positions start after (0 without one).
+    max_position: the largest position id + 1 (a Python int computed when building, so checks need no sync).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    pair_ids: torch.Tensor
+    role_ids: torch.Tensor
+    row_index: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    num_pairs: int
+    position_offset: int = 0
+    max_position: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> TreeBatch:
+        """The same batch with every tensor on `device` (non-blocking from pinned memory)."""
+        return replace(self, **{name: getattr(self, name).to(device, non_blocking=True) for name in
+                                ("input_ids", "position_ids", "pair_ids", "role_ids", "row_index", "labels",
+                                 "cu_seqlens")})
+
+
+def _check_token_lists(name: str, lists: Sequence[Sequence[int]], num_pairs: int) -> None:
+    if len(lists) != num_pairs:
+        raise ValueError(f"{name} has {len(lists)} entries, expected one per pair ({num_pairs})")
+    for i, ids in enumerate(lists):
+        if len(ids) == 0:
+            raise ValueError(f"{name}[{i}] is empty: every prompt and response needs at least one token")
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+            raise ValueError(f"{name}[{i}] must hold non-negative Python ints (token ids)")
+
+
+def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
+                     rejected_ids: Sequence[Sequence[int]], *, position_offset: int = 0) -> TreeBatch:
+    """Lay out B pairs as one tree-packed stream (CPU tensors; call it in the collator, then ``.to(device)``).
+
+    Args:
+        prompt_ids, chosen_ids, rejected_ids: per pair the token ids of x, y_w and y_l (non-empty lists).
+        position_offset: positions start here (the length of a cached shared prefix, see
+            :mod:`fastpref.prefix_kv`), 0 for a stream of its own.
+    """
+    num_pairs = len(prompt_ids)
+    if num_pairs == 0:
+        raise ValueError("prompt_ids is empty: a tree batch needs at least one pair")
+    _check_token_lists("prompt_ids", prompt_ids, num_pairs)
+    _check_token_lists("chosen_ids", chosen_ids, num_pairs)
+    _check_token_lists("rejected_ids", rejected_ids, num_pairs)
+    if position_offset < 0:
+        raise ValueError(f"position_offset must be >= 0, got {position_offset}")
+
+    tokens, positions, pairs, roles = [], [], [], []
+    chosen_rows, chosen_labels, rejected_rows, rejected_labels = [], [], [], []
+    chosen_counts, rejected_counts = [], []
+    max_position = 0
+    for pair, (x, y_w, y_l) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        start, a, m, n = len(tokens), len(x), len(y_w), len(y_l)
+        last_prompt_row = start + a - 1
+        tokens += [*x, *y_w, *y_l]
+        positions += [*range(position_offset, position_offset + a + m),
+                      *range(position_offset + a, position_offset + a + n)]
+        pairs += [pair] * (a + m + n)
+        roles += [PROMPT] * a + [CHOSEN] * m + [REJECTED] * n
+        # y_w[0] from x's last row, y_w[j] from y_w[j-1]'s row; the same for y_l (whose rows start after y_w).
+        chosen_rows += [last_prompt_row, *range(start + a, start + a + m - 1)]
+        chosen_labels += y_w
+        rejected_rows += [last_prompt_row, *range(start + a + m, start + a + m + n - 1)]
+        rejected_labels += y_l
+        chosen_counts.append(m)
+        rejected_counts.append(n)
+        max_position = max(max_position, position_offset + a + max(m, n))
+
+    counts = torch.tensor(chosen_counts + rejected_counts, dtype=torch.long)
+    return TreeBatch(
+        input_ids=torch.tensor([tokens], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        pair_ids=torch.tensor(pairs, dtype=torch.long),
+        role_ids=torch.tensor(roles, dtype=torch.long),
+        row_index=torch.tensor(chosen_rows + rejected_rows, dtype=torch.long),
+        labels=torch.tensor(chosen_labels + rejected_labels, dtype=torch.long),
+        cu_seqlens=torch.nn.functional.pad(counts.cumsum(0), (1, 0)),
+        num_pairs=num_pairs,
+        position_offset=position_offset,
+        max_position=max_position,
+    )
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix of ``sequences`` (e.g. the pairs' augmented prompts)."""
+    if len(sequences) == 0:
+        raise ValueError("sequences is empty")
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for i in range(length):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return length
+
+
+def strip_prefix(aug_prompt_ids: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[list[int]]:
+    """The pairs' augmented prompts without the shared prefix (what the augmented tree is built from).
+
+    Raises ValueError naming the pair whose prompt does not start with the prefix or has nothing after it (the
+    prompt's last row must be in the stream: it predicts the first response token).
+    """
+    ids = list(prefix_ids)
+    stripped = []
+    for i, prompt in enumerate(aug_prompt_ids):
+        if list(prompt[:len(ids)]) != ids:
+            raise ValueError(f"aug_prompt_ids[{i}] does not start with the cached prefix")
+        if len(prompt) <= len(ids):
+            raise ValueError(f"aug_prompt_ids[{i}] has no token after the cached prefix")
+        stripped.append(list(prompt[len(ids):]))
+    return stripped
+
+
+def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence[int] | None = None
+                                ) -> tuple[TreeBatch, TreeBatch | None]:
+    """The plain tree and (with ``prefix_ids``) the augmented tree of a micro-batch of tokenized pairs.
+
+    ``features``: dicts with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` and, for the
+    augmented tree, ``aug_prompt_input_ids`` (the output of :func:`fastpref.data.tokenize_pair`). The augmented
+    tree holds each aug prompt without the shared ``prefix_ids`` (whose keys/values are cached, see
+    :mod:`fastpref.prefix_kv`), positions offset by its length. Take ``prefix_ids`` once for the whole dataset,
+    e.g. ``aug[:shared_prefix_length(all aug prompts)]``, so every micro-batch reuses the same cached prefix.
+    """
+    prompts = [f["prompt_input_ids"] for f in features]
+    chosen = [f["chosen_input_ids"] for f in features]
+    rejected = [f["rejected_input_ids"] for f in features]
+    tree = build_tree_batch(prompts, chosen, rejected)
+    if prefix_ids is None:
+        return tree, None
+    if any("aug_prompt_input_ids" not in f for f in features):
+        raise ValueError("features need 'aug_prompt_input_ids' for the augmented tree (tokenize_pair with "
+                         "refinement_prompt)")
+    aug_prompts = strip_prefix([f["aug_prompt_input_ids"] for f in features], prefix_ids)
+    return tree, build_tree_batch(aug_prompts, chosen, rejected, position_offset=len(prefix_ids))
+
+
+def _tree_visibility(tree: TreeBatch) -> torch.Tensor:
+    """[L, L] bool: query row q may attend to key row k (same pair, causal, y_l does not see y_w)."""
+    rows = torch.arange(tree.length, device=tree.pair_ids.device)
+    same_pair = tree.pair_ids[:, None] == tree.pair_ids[None, :]
+    causal = rows[None, :] <= rows[:, None]
+    rejected_sees_chosen = (tree.role_ids[:, None] == REJECTED) & (tree.role_ids[None, :] == CHOSEN)
+    return same_pair & causal & ~rejected_sees_chosen
+
+
+def tree_attention_mask(tree: TreeBatch, *, prefix_length: int = 0) -> torch.Tensor:
+    """4D boolean mask [1, 1, L, prefix_length + L], True = attend (sdpa's convention).
+
+    The first ``prefix_length`` key columns are a cached shared prefix that every row sees.
+    """
+    visible = _tree_visibility(tree)
+    if prefix_length:
+        prefix = torch.ones(tree.length, prefix_length, dtype=torch.bool, device=visible.device)
+        visible = torch.cat([prefix, visible], dim=1)
+    return visible[None, None]
+
+
+def tree_additive_mask(tree: TreeBatch, dtype: torch.dtype, *, prefix_length: int = 0) -> torch.Tensor:
+    """4D float mask [1, 1, L, prefix_length + L]: 0 where attended, the dtype's minimum elsewhere (eager's)."""
+    visible = tree_attention_mask(tree, prefix_length=prefix_length)
+    blocked = torch.full(visible.shape, torch.finfo(dtype).min, dtype=dtype, device=visible.device)
+    return blocked.masked_fill(visible, 0.0)
+
+
+def tree_block_mask(tree: TreeBatch, *, prefix_length: int = 0, block_size: int = 128):
+    """flex_attention ``BlockMask`` of the same pattern as :func:`tree_attention_mask` (for CUDA).
+
+    Fully masked blocks (other pairs, y_l × y_w) are skipped by the kernel, so the cost is that of the
+    visible blocks only.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pair_ids, role_ids = tree.pair_ids, tree.role_ids
+
+    def tree_mask_mod(batch, head, q_idx, kv_idx):
+        key = (kv_idx - prefix_length).clamp(min=0)
+        in_prefix = kv_idx < prefix_length
+        same_pair = pair_ids[q_idx] == pair_ids[key]
+        causal = key <= q_idx
+        rejected_sees_chosen = (role_ids[q_idx] == REJECTED) & (role_ids[key] == CHOSEN)
+        return in_prefix | (same_pair & causal & ~rejected_sees_chosen)
+
+    return create_block_mask(tree_mask_mod, B=None, H=None, Q_LEN=tree.length, KV_LEN=prefix_length + tree.length,
+                             device=pair_ids.device, BLOCK_SIZE=block_size)
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation name of a (possibly peft-wrapped) transformers model."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_attn_implementation", None)
+    if name is None:
+        raise TypeError(f"{type(model).__name__} has no config._attn_implementation: not a transformers model")
+    return name
+
+
+def attention_mask_for(model: torch.nn.Module, tree: TreeBatch, *, prefix_length: int = 0):
+    """The tree mask in the form ``model``'s attention implementation reads correctly.
+
+    sdpa → 4D boolean; eager → 4D additive float in the model's dtype; flex_attention → ``BlockMask``;
+    flash attention → :class:`FlashAttentionTreeError`; anything else → :class:`UnsafeAttentionError`.
+    """
+    name = attention_implementation(model)
+    if name == "sdpa":
+        return tree_attention_mask(tree, prefix_length=prefix_length)
+    if name == "eager":
+        return tree_additive_mask(tree, model.dtype, prefix_length=prefix_length)
+    if name == "flex_attention":
+        return tree_block_mask(tree, prefix_length=prefix_length)
+    if "flash" in name:
+        raise FlashAttentionTreeError(
+            f"attn_implementation={name!r} cannot express a tree mask (stock flash attention ignores custom 4D "
+            "masks); load the model with attn_implementation='sdpa' or 'flex_attention'")
+    raise UnsafeAttentionError(f"attn_implementation={name!r} is not known to honour a custom 4D mask; use "
+                               "'sdpa', 'eager' or 'flex_attention'")
+
+
+def positions_are_tree(position_ids: torch.Tensor) -> bool:
+    """Whether packed ``position_ids`` [1, L] jump to a non-zero value somewhere (a tree, not plain packing).
+
+    Reads tensor values: call it on CPU tensors (in the collator), not in the training step.
+    """
+    flat = position_ids.reshape(-1)
+    jumps = flat[1:] != flat[:-1] + 1
+    return bool((jumps & (flat[1:] != 0)).any())
+
+
+def positions_are_packed(position_ids: torch.Tensor) -> bool:
+    """Whether ``position_ids`` [1, L] restart somewhere (several sequences in one row). CPU-side, like above."""
+    flat = position_ids.reshape(-1)
+    return bool((flat[1:] != flat[:-1] + 1).any())
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def check_attention_inputs(model: torch.nn.Module, *, attention_mask, position_ids: torch.Tensor | None,
+                           past_key_values=None, tree: TreeBatch | None = None) -> None:
+    """Refuse, by a named :class:`UnsafeAttentionError`, forwards that transformers 5.23 would get silently wrong.
+
+    ``tree`` is the :class:`TreeBatch` the inputs come from (None for a plain stream). Values of
+    ``position_ids`` are only read when they live on the CPU (no host sync on an accelerator).
+    """
+    name = attention_implementation(model)
+    is_4d = attention_mask is not None and len(attention_mask.shape) == 4
+    if name == "eager" and is_4d and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
+        raise EagerBooleanMaskError(
+            "eager attention adds the 4D attention_mask to the scores, so a boolean mask is silently wrong; pass "
+            "an additive float mask (tree_additive_mask) or use attn_implementation='sdpa'")
+    if (past_key_values is not None and attention_mask is None and position_ids is not None
+            and (tree is not None or (position_ids.device.type == "cpu" and positions_are_packed(position_ids)))):
+        raise PackedCacheError(
+            "position_ids packing is ignored when a KV cache is given (the packed sequences would see each "
+            "other); pass a 4D attention_mask")
+    is_tree = tree is not None or (attention_mask is None and position_ids is not None
+                                   and position_ids.device.type == "cpu" and positions_are_tree(position_ids))
+    if is_tree and "flash" in name:
+        raise FlashAttentionTreeError(
+            f"attn_implementation={name!r} cannot express a tree (stock flash attention ignores custom 4D masks)")
+    if is_tree and attention_mask is None:
+        raise TreeWithoutMaskError(
+            "a tree stream needs its 4D attention_mask (attention_mask_for): position_ids alone only separate "
+            "sequences that restart at 0, so y_l would attend to y_w")
+    if tree is not None:
+        window = _sliding_window(getattr(model, "config", None))
+        if window is not None and tree.max_position > window:
+            raise SlidingWindowTreeError(
+                f"the model attends through a sliding window of {window} tokens, and a custom 4D mask replaces "
+                f"it; this stream reaches position {tree.max_position - 1}")

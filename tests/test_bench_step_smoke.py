@@ -1,0 +1,45 @@
+"""The end-to-end step benchmark's code paths, on CPU with a tiny model (``--smoke``), in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_step_gpu
+    import record
+
+    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)  # keep the committed results untouched
+    return bench_step_gpu
+
+
+def _run(bench, methods: list[str], modes: list[str]) -> list[dict]:
+    path = bench.main(["--smoke", "--steps", "1", "--warmup", "1", "--modes", *modes, "--methods", *methods])
+    assert path.exists() and path.with_suffix(".png").exists()
+    return json.loads(path.read_text())["records"]
+
+
+def test_smoke_fastpref_and_naive_paths(bench):
+    methods = ["naive_sr_dpo", "fastpref_dpo", "fastpref_sr_dpo", "fastpref_sr_dpo_naive"]
+    records = _run(bench, methods, ["lora", "full_gc"])
+    assert [(r["mode"], r["method"]) for r in records] == [(m, x) for m in ("lora", "full_gc") for x in methods]
+    for r in records:
+        assert r["status"] == "ok" and r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["floor_ms"] > 0
+        multiple = bench.DPO_FLOOR[r["mode"]] + (r["method"] in bench.SR_METHODS)
+        assert r["floor_ms"] == pytest.approx(multiple * r["F_ms"])
+    for r in records:  # the Sr-DPO run checks its tree/prefix log-probs against full logits (fp32 here)
+        if r["method"] == "fastpref_sr_dpo":
+            assert r["max_abs_diff_plain"] < 1e-3 and r["max_abs_diff_aug"] < 1e-3 and r["mean_abs_logps"] > 1
+
+
+def test_smoke_trl_paths(bench):
+    pytest.importorskip("trl")
+    records = _run(bench, ["trl_dpo", "trl_dpo_precomputed"], ["lora"])
+    assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in records)
