@@ -20,6 +20,13 @@ from types import ModuleType
 _MODULES = {"torch": "torch_logps", "cpp": "cpp_logps", "triton": "triton_logps"}
 
 
+_LOADED: dict[str, ModuleType] = {}
+
+
 def logps_kernels(backend: str) -> ModuleType:
-    """The module implementing the log-prob kernels of `backend` (imported on first use)."""
-    return importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+    """The module implementing the log-prob kernels of `backend` (imported on first use, then cached so that
+    torch.compile traces this lookup without a graph break on importlib)."""
+    module = _LOADED.get(backend)
+    if module is None:
+        module = _LOADED[backend] = importlib.import_module(f"{__name__}.{_MODULES[backend]}")
+    return module

@@ -1,0 +1,424 @@
+"""The "triton" backend of fastpref.linear_logps / logits_logps against the float64 oracle, in the Triton
+interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1 before anything imports triton when there is no
+GPU; the line below does the same when this file runs alone). On a CUDA machine the same tests run compiled.
+
+Error rule (Cut Cross-Entropy's): error against float64 <= error of eager PyTorch in the same dtype + tolerance.
+bf16 runs with operands loaded and upcast to float32 under the interpreter (its bf16 arithmetic is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+from fastpref.kernels import linear_logps_bwd, linear_logps_fwd
+from fastpref.kernels.rows import compact_rows
+
+import fastpref
+from fastpref import reference
+from fastpref.impl import triton_logps
+
+pytestmark = pytest.mark.skipif(not fastpref.backends()["triton"].available,
+                                reason=f"triton backend: {fastpref.backends()['triton'].reason}")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _assert_within_eager(name, fast, eager, oracle, dtype):
+    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
+    err_fast = (fast - oracle).abs().max().item()
+    err_eager = (eager - oracle).abs().max().item()
+    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
+
+
+def _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu_seqlens):
+    """What a user writes today, in the inputs' dtype: full logits, float32 log_softmax, gather."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return reference.logits_logps(z, labels, temperature=temperature, token_weights=token_weights,
+                                  cu_seqlens=cu_seqlens, return_token_logps=True)
+
+
+def _grads(out, params, g_seq, g_tok):
+    loss = (out.logps.double() * g_seq).sum() + (out.token_logps.double() * g_tok).sum()
+    return torch.autograd.grad(loss, params)
+
+
+def _upstream(gen, num_seq, label_shape):
+    """Non-uniform upstream gradients on logps and token_logps. The last sequence's gradient is 0 and a fifth of
+    the token gradients are 0, so some of its rows get a per-row gradient of exactly zero (skipped rows)."""
+    g_seq = torch.randn(num_seq, generator=gen, dtype=torch.float64) * 2
+    g_seq[-1] = 0.0
+    g_tok = torch.randn(label_shape, generator=gen, dtype=torch.float64)
+    g_tok.view(-1)[torch.rand(g_tok.numel(), generator=gen) < 0.2] = 0.0
+    return g_seq, g_tok
+
+
+# packed, sequences, steps, D, V, softcap, temperature, bias, token weights, ignored fraction
+LINEAR_CASES = [
+    pytest.param(False, 3, 7, 33, 301, None, 1.0, False, False, 0.35, id="padded-odd"),
+    pytest.param(True, 5, 6, 24, 257, None, 1.0, False, True, 0.5, id="packed-weighted"),
+    pytest.param(False, 4, 1, 9, 130, 5.0, 0.7, True, False, 0.2, id="T1-softcap-temp-bias"),
+    pytest.param(True, 4, 8, 40, 515, 3.0, 1.3, True, True, 0.3, id="packed-all"),
+    pytest.param(False, 2, 9, 64, 320, None, 1.0, True, False, 0.25, id="even-shapes"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed,n_seq,steps,dim,vocab,softcap,temperature,with_bias,weighted,ignored", LINEAR_CASES)
+def test_linear_forward_backward_match_oracle(dtype, packed, n_seq, steps, dim, vocab, softcap, temperature,
+                                              with_bias, weighted, ignored):
+    gen = torch.Generator().manual_seed(dim * 1000 + vocab)
+    if packed:
+        lengths = torch.randint(1, 2 * steps, (n_seq,), generator=gen)
+        lengths[1] = 0  # an empty sequence
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+        label_shape = (int(cu[-1]),)
+        hidden = torch.randn(label_shape[0], dim, generator=gen)
+    else:
+        cu = None
+        label_shape = (n_seq, steps)
+        hidden = torch.randn(n_seq, steps, dim, generator=gen)
+    weight = torch.randn(vocab, dim, generator=gen) * dim ** -0.5 * 4
+    labels = torch.randint(0, vocab, label_shape, generator=gen)
+    labels[torch.rand(label_shape, generator=gen) < ignored] = -100
+    labels.view(-1)[: label_shape[-1] if not packed else int(cu[1])] = -100  # a sequence with no scored rows
+    bias = torch.randn(vocab, generator=gen).to(dtype).requires_grad_() if with_bias else None
+    token_weights = torch.rand(label_shape, generator=gen) + 0.5 if weighted else None
+    hidden = hidden.to(dtype).requires_grad_()
+    weight = weight.to(dtype).requires_grad_()
+    kwargs = dict(bias=bias, softcap=softcap, temperature=temperature, token_weights=token_weights, cu_seqlens=cu,
+                  return_token_logps=True)
+
+    out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
+    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    eager = _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
+    assert torch.equal(out.counts, oracle.counts)
+    assert torch.all(out.token_logps[labels == -100] == 0)
+    assert out.logps[0].item() == 0.0
+    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    _assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
+
+    params = [p for p in (hidden, weight, bias) if p is not None]
+    g_seq, g_tok = _upstream(gen, out.logps.numel(), label_shape)
+    for name, fast, eg, orc, p in zip(("hidden", "weight", "bias"), _grads(out, params, g_seq, g_tok),
+                                      _grads(eager, params, g_seq, g_tok), _grads(oracle, params, g_seq, g_tok),
+                                      params):
+        assert fast.dtype == p.dtype and fast.shape == p.shape
+        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several row chunks and vocabulary chunks in the backward (and the chunk-accumulation paths)."""
+    monkeypatch.setattr(linear_logps_bwd, "WORKSPACE_BYTES", 1)
+    monkeypatch.setattr(linear_logps_bwd, "VOCAB_CHUNK", 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dim", [19, 32], ids=["odd-D", "even-D"])  # masked and unmasked (EVEN_*) loads
+def test_chunked_backward_matches_oracle(small_chunks, dtype, dim):
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 53, 301
+    hidden = torch.randn(rows, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(vocab, generator=gen).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[torch.rand(rows, generator=gen) < 0.3] = -100
+    cu = torch.tensor([0, 20, 41, rows])
+    kwargs = dict(bias=bias, softcap=4.0, cu_seqlens=cu, return_token_logps=True)
+    assert linear_logps_bwd.backward_chunks(rows, dim, vocab, 2, 16) == (16, 96)
+    out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
+    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    eager = _eager_linear(hidden, weight, labels, bias, 4.0, 1.0, None, cu)
+    params = [hidden, weight, bias]
+    g_seq, g_tok = _upstream(gen, 3, (rows,))
+    for name, fast, eg, orc in zip(("hidden", "weight", "bias"), _grads(out, params, g_seq, g_tok),
+                                   _grads(eager, params, g_seq, g_tok), _grads(oracle, params, g_seq, g_tok)):
+        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+
+
+def test_zero_gradient_rows_cost_nothing_and_change_nothing(small_chunks):
+    """Rows whose upstream gradient is exactly 0 are compacted away: the gradients equal, bit for bit, those
+    computed from the other rows alone, and the zero rows' dH is exactly 0."""
+    gen = torch.Generator().manual_seed(5)
+    rows, dim, vocab = 40, 16, 200
+    hidden = torch.randn(rows, dim, generator=gen, requires_grad=True)
+    weight = torch.randn(vocab, dim, generator=gen, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::5] = -100
+    grad_rows = torch.randn(rows, generator=gen)
+    grad_rows[(torch.arange(rows) % 3) == 0] = 0.0
+    _, lse = triton_logps.linear_forward(hidden.detach(), weight.detach(), None, labels, -100, 1.0, None, True)
+    dh, dw, _ = triton_logps.linear_backward(hidden.detach(), weight.detach(), None, labels, lse, grad_rows, -100,
+                                             1.0, None, True, True, False)
+    keep = (grad_rows != 0) & (labels != -100)
+    assert torch.all(dh[~keep] == 0)
+    sub_dh, sub_dw, _ = triton_logps.linear_backward(hidden.detach()[keep], weight.detach(), None, labels[keep],
+                                                     lse[keep], grad_rows[keep], -100, 1.0, None, True, True, False)
+    assert torch.equal(dh[keep], sub_dh) and torch.equal(dw, sub_dw)
+    again = triton_logps.linear_backward(hidden.detach(), weight.detach(), None, labels, lse, grad_rows, -100, 1.0,
+                                         None, True, True, False)
+    assert torch.equal(again[0], dh) and torch.equal(again[1], dw), "the backward must be deterministic"
+
+
+def test_compact_rows_puts_scored_rows_first_in_order():
+    mask = torch.tensor([False, True, True, False, True, False])
+    order, count = compact_rows(mask)
+    assert order.dtype == torch.int32 and count.tolist() == [3]
+    assert order[:3].tolist() == [1, 2, 4] and sorted(order[3:].tolist()) == [0, 3, 5]
+
+
+def test_forward_splits_the_vocabulary_and_forward_only_saves_nothing():
+    splits, per_split = linear_logps_fwd.vocabulary_splits(16, 301, 16, 32, torch.device("cpu"))
+    assert splits > 1 and (splits - 1) * per_split < 10 <= splits * per_split  # 10 tiles of 32, none empty
+    gen = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(16, 12, generator=gen), torch.randn(301, 12, generator=gen)
+    labels = torch.randint(0, 301, (16,), generator=gen)
+    labels[3] = -100
+    token_logps, lse = triton_logps.linear_forward(hidden, weight, None, labels, -100, 1.0, None, False)
+    assert lse.numel() == 0
+    full = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    expected = torch.where(labels != -100, full.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    torch.testing.assert_close(token_logps.double(), expected, rtol=0, atol=2e-5)
+    with torch.no_grad():
+        out = fastpref.linear_logps(hidden, weight, labels, backend="triton")
+    torch.testing.assert_close(out.logps.double(), expected.sum()[None], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_logits_logps_matches_oracle(dtype, packed):
+    gen = torch.Generator().manual_seed(7)
+    vocab = 263
+    if packed:
+        cu, shape = torch.tensor([0, 3, 3, 10, 11]), (11,)
+    else:
+        cu, shape = None, (3, 6)
+    logits = (torch.randn(*shape, vocab, generator=gen) * 3).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < 0.3] = -100
+    kwargs = dict(temperature=0.8, token_weights=torch.rand(shape, generator=gen) + 0.5, cu_seqlens=cu,
+                  return_token_logps=True)
+    out = fastpref.logits_logps(logits, labels, backend="triton", **kwargs)
+    oracle = reference.logits_logps(logits, labels, **kwargs)
+    eager = reference.logits_logps(logits.float(), labels, **kwargs)
+    assert torch.equal(out.counts, oracle.counts)
+    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    g_seq, g_tok = _upstream(gen, out.logps.numel(), shape)
+    (fast,) = _grads(out, [logits], g_seq, g_tok)
+    (orc,) = _grads(oracle, [logits], g_seq, g_tok)
+    (eg,) = _grads(eager, [logits], g_seq, g_tok)
+    assert fast.dtype == dtype
+    _assert_within_eager("grad logits", fast, eg, orc, dtype)
+    assert torch.all(fast.reshape(-1, vocab)[labels.reshape(-1) == -100] == 0)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas and fake implementations of the torch.ops.fastpref.triton_* ops agree with the real ones."""
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    labels = torch.tensor([3, -100, 7, 39, 0, -100])
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastpref.triton_linear_fwd, (hidden, weight, bias, labels, -100, 0.9, 2.0, True),
+                          test_utils=tests)
+    _, lse = triton_logps.linear_forward(hidden, weight, bias, labels, -100, 0.9, 2.0, True)
+    torch.library.opcheck(torch.ops.fastpref.triton_linear_bwd,
+                          (hidden, weight, bias, labels, lse, torch.randn(6, generator=gen), -100, 0.9, 2.0, True,
+                           True, True), test_utils=tests)
+    logits = torch.randn(6, 40, generator=gen)
+    torch.library.opcheck(torch.ops.fastpref.triton_logits_fwd, (logits, labels, -100, 1.1, True), test_utils=tests)
+    torch.library.opcheck(torch.ops.fastpref.triton_logits_bwd,
+                          (logits, labels, lse, torch.randn(6, generator=gen), -100, 1.1), test_utils=tests)
+
+
+def test_torch_compile_fullgraph_traces_through_the_ops(monkeypatch):
+    """torch.compile(fullgraph=True) of a function calling linear_logps(backend="triton"): no graph break.
+
+    The aot_eager backend traces with fake tensors and runs the graph eagerly; inductor's CPU code generation
+    adds ~40 s here, so it is exercised by tests/test_gpu_logps.py on a GPU. The value checks read tensor values
+    on the host (a graph break by design), so they are switched off as a compiled training step would.
+    """
+    monkeypatch.setenv("FASTPREF_SKIP_VALUE_CHECKS", "1")
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(20, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 97, (20,), generator=gen)
+    labels[:4] = -100
+    cu = torch.tensor([0, 7, 20])
+
+    def step(hidden, weight, labels, cu):
+        out = fastpref.linear_logps(hidden, weight, labels, cu_seqlens=cu, backend="triton", return_token_logps=True)
+        return out.logps.sum() * 2 + out.token_logps.pow(2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(hidden, weight, labels, cu)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    eager_loss = step(hidden, weight, labels, cu)
+    eager_grads = torch.autograd.grad(eager_loss, [hidden, weight])
+    torch.testing.assert_close(loss, eager_loss, rtol=0, atol=0)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+_SM90_COMPILE_SCRIPT = """
+import os, subprocess
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastpref.kernels import linear_logps_bwd as B, linear_logps_fwd as F, logits_logps as L
+from fastpref.kernels.rows import GPU_TILE as T
+
+tile = dict(BLOCK_M=T.block_m, BLOCK_N=T.block_n, BLOCK_K=T.block_k, UPCAST=False, PRECISION="tf32")
+even = dict(EVEN_D=True)
+jobs = [
+    (F.linear_logps_fwd_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_STATS=False, EVEN_K=True, **tile)),
+    (F.linear_logps_fwd_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_STATS=True, EVEN_K=True,
+                                     **{**tile, "BLOCK_N": T.block_n // 2})),  # as the launcher picks
+    (B.dlogits_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, GROUP_M=8, **even, **tile)),
+    (B.hidden_grad_kernel, dict(FIRST_CHUNK=False, LAST_CHUNK=True, EVEN_K=True, GROUP_M=8, **even, **tile)),
+    (B.weight_grad_kernel, dict(FIRST_CHUNK=False, NEED_WEIGHT=True, NEED_BIAS=True, EVEN_V=True, GROUP_M=8,
+                                **even, **tile)),
+    (L.logits_logps_fwd_kernel, dict(BLOCK_V=4096)),
+    (L.logits_logps_bwd_kernel, dict(BLOCK_V=4096)),
+]
+fp32_ptrs = {"acc_ptr", "db_ptr", "lse_ptr", "grad_ptr", "part_max_ptr", "part_sum_ptr", "part_target_ptr",
+             "token_logps_ptr"}
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+for fn, consts in jobs:
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+            continue
+        if name in ("softcap", "inv_temperature"):
+            sig[name] = "fp32"
+        elif name in fp32_ptrs:
+            sig[name] = "*fp32"
+        elif name == "labels_ptr":
+            sig[name] = "*i64"
+        elif name in ("order_ptr", "count_ptr"):
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "i32"
+        if name.endswith("_ptr") or name.startswith("stride") or name == "D":  # as the JIT specializes them
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=T.num_warps, num_stages=T.num_stages))
+    label = fn.__name__ + ("+stats" if consts.get("WITH_STATS") else "")
+    with open(label + ".cubin", "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", label + ".cubin"], capture_output=True,
+                           text=True, check=True).stdout
+    stack = int(usage.split("STACK:")[1].split()[0])
+    ptx = compiled.asm["ptx"]
+    print(label, "wgmma" in ptx, "cp.async" in ptx, stack)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled and run for real")
+def test_kernels_compile_for_hopper(tmp_path):
+    """The compiled (not interpreted) path, without a GPU (triton ships ptxas): every kernel lowers to sm_90
+    cubin with the GPU tile config, without register spills; the tiled ones use wgmma with cp.async-pipelined
+    operand loads. Catches what the interpreter accepts but the compiler rejects, and performance regressions
+    visible in the code (a mask on a contiguous dimension silently turns the pipelining off)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = {name: rest for name, *rest in (line.split() for line in done.stdout.strip().splitlines())}
+    assert len(found) == 7
+    for name, (wgmma, pipelined, stack) in found.items():
+        assert stack == "0", f"{name} spills registers ({stack} bytes of stack)"
+        if not name.startswith("logits_logps"):
+            assert wgmma == "True", f"{name} does not use Hopper's wgmma"
+            assert pipelined == "True", f"{name}'s operand loads are not pipelined (no cp.async)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_token_stats_from_the_same_pass(dtype):
+    """entropy, log Σp², mean logit and top-1 (first index on ties, across vocabulary splits) against float64."""
+    gen = torch.Generator().manual_seed(8)
+    rows, dim, vocab = 37, 24, 301
+    hidden = torch.randn(rows, dim, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) * 0.5).to(dtype)
+    bias = torch.randn(vocab, generator=gen).to(dtype)
+    # Columns 5 and 200 (different splits) tie at the top for row 0; row 2's label is the later of them.
+    weight[5] = weight[200] = hidden[0] * 0.5
+    bias[200] = bias[5]
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::4] = -100
+    z = hidden.double() @ weight.double().T + bias.double()
+    z = 3.0 * torch.tanh(z / 3.0) / 0.7
+    labels[1::3] = z.argmax(1)[1::3]
+    labels[0], labels[2] = 5, 200
+    hidden[2] = hidden[0]
+    z[2] = z[0]
+    splits, _ = linear_logps_fwd.vocabulary_splits(rows, vocab, 16, 32, torch.device("cpu"))
+    assert splits > 1 or torch.cuda.is_available()
+
+    stats = triton_logps.linear_token_stats(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
+                                            bias=bias.to(DEVICE), softcap=3.0, temperature=0.7)
+    log_p = torch.log_softmax(z, dim=-1)
+    scored = labels != -100
+    expected = {
+        "token_logps": log_p.gather(1, labels.clamp(min=0)[:, None]).squeeze(1),
+        "entropy": -(log_p.exp() * log_p).sum(1),
+        "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=1),
+        "mean_logits": z.mean(1),
+    }
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-3
+    for name, want in expected.items():
+        got = stats[name].cpu().double()
+        torch.testing.assert_close(got, torch.where(scored, want, 0.0), rtol=0,
+                                   atol=tolerance * want.abs().max().item(), msg=name)
+    top1 = stats["is_top1"].cpu()
+    assert top1.dtype == torch.bool
+    assert torch.equal(top1, (z.argmax(1) == labels) & scored)
+    assert top1[0] and not top1[2] and top1.sum() >= 8
+
+
+def test_token_stats_op_passes_opcheck():
+    gen = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    labels = torch.tensor([3, -100, 7, 39, 0, -100])
+    torch.library.opcheck(torch.ops.fastpref.triton_linear_stats, (hidden, weight, None, labels, -100, 1.0, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("trainable", ["hidden", "weight"])
+def test_gradient_for_one_input_only(trainable):
+    """A frozen lm_head (LoRA) needs only dH: the dW kernel is skipped; a frozen trunk needs only dW."""
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(2, 9, 20, generator=gen, requires_grad=trainable == "hidden")
+    weight = torch.randn(150, 20, generator=gen, requires_grad=trainable == "weight")
+    labels = torch.randint(0, 150, (2, 9), generator=gen)
+    labels[:, :3] = -100
+    param = hidden if trainable == "hidden" else weight
+    g_seq, g_tok = _upstream(gen, 2, (2, 9))
+    out = fastpref.linear_logps(hidden, weight, labels, backend="triton", return_token_logps=True)
+    oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True)
+    (fast,) = _grads(out, [param], g_seq, g_tok)
+    (want,) = _grads(oracle, [param], g_seq, g_tok)
+    torch.testing.assert_close(fast.double(), want.double(), rtol=0, atol=2e-5 * want.abs().max().item())
