@@ -9,7 +9,7 @@ Public ops: :func:`linear_logps`, :func:`logits_logps` (per-sequence log-probs),
 from __future__ import annotations
 
 from .backends import BackendUnavailableError, backends
-from .logps import LogpsOutput, linear_logps, logits_logps
+from .logps import LogpsOutput, TokenStats, linear_logps, logits_logps
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ _LAZY = {
     "PreferenceTrainer": ("fastpref.trainer", "PreferenceTrainer"),
 }
 
-__all__ = ["BackendUnavailableError", "LogpsOutput", "backends", "linear_logps", "logits_logps", *_LAZY]
+__all__ = ["BackendUnavailableError", "LogpsOutput", "TokenStats", "backends", "linear_logps", "logits_logps", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -20,8 +20,24 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .impl import logps_kernels
+from .impl import logps_kernels, torch_logps
 from .logps_inputs import LogpsProblem, check_linear_logps_args, check_logits_logps_args
+
+
+class TokenStats(NamedTuple):
+    """Per-row statistics of p = softmax(z_t) (what TRL logs and WPO weighting needs), shape of labels, no gradient,
+    0 / False at ignored rows.
+
+    entropy:          −Σ_v p_v log p_v.
+    log_sum_sq_probs: log Σ_v p_v².
+    mean_logits:      Σ_v z_v / V (after softcap and temperature).
+    is_top1:          bool, the target is argmax_v z_v (first index on ties, as torch.argmax).
+    """
+
+    entropy: torch.Tensor
+    log_sum_sq_probs: torch.Tensor
+    mean_logits: torch.Tensor
+    is_top1: torch.Tensor
 
 
 class LogpsOutput(NamedTuple):
@@ -30,36 +46,44 @@ class LogpsOutput(NamedTuple):
     logps:       [S] float32, Σ_t w_t · log p_t over each sequence's scored rows (0 for a sequence with none).
     counts:      [S] int64, scored rows per sequence (0 for a sequence with none).
     token_logps: shape of labels, float32, unweighted log p_t, 0 at ignored rows; None unless asked for.
+    token_stats: :class:`TokenStats`; None unless asked for (``linear_logps(..., return_token_stats=True)``).
     """
 
     logps: torch.Tensor
     counts: torch.Tensor
     token_logps: torch.Tensor | None = None
+    token_stats: TokenStats | None = None
 
 
 class _LinearTokenLogps(torch.autograd.Function):
     """Per-row log p_t from hidden rows and the lm_head weight; backward recomputes the logits tiles."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, softcap, kernels):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, softcap, kernels, with_stats):
         needs_grad = any(ctx.needs_input_grad[:3])
-        token_logps, lse = kernels.linear_forward(hidden, weight, bias, labels, ignore_index, temperature,
-                                                  softcap, needs_grad)
+        args = (hidden, weight, bias, labels, ignore_index, temperature, softcap)
+        stats = ()
+        if with_stats and hasattr(kernels, "linear_forward_with_stats"):  # statistics from the same fused pass
+            token_logps, lse, stats = kernels.linear_forward_with_stats(*args)
+        else:
+            token_logps, lse = kernels.linear_forward(*args, needs_grad)
+            if with_stats:
+                stats = torch_logps.linear_token_stats(*args)
         if needs_grad:
             ctx.save_for_backward(hidden, weight, bias, labels, lse)
             ctx.args = (ignore_index, temperature, softcap, kernels)
-        ctx.mark_non_differentiable(lse)
-        return token_logps, lse
+        ctx.mark_non_differentiable(lse, *stats)
+        return (token_logps, lse, *stats)
 
     @staticmethod
-    def backward(ctx, grad_token_logps, _grad_lse):
+    def backward(ctx, grad_token_logps, *_grad_no_diff):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         ignore_index, temperature, softcap, kernels = ctx.args
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh, dw, db = kernels.linear_backward(hidden, weight, bias, labels, lse,
                                              grad_token_logps.float().contiguous(), ignore_index, temperature,
                                              softcap, need_h, need_w, need_b and bias is not None)
-        return dh, dw, db, None, None, None, None, None
+        return dh, dw, db, None, None, None, None, None, None
 
 
 class _LogitsTokenLogps(torch.autograd.Function):
@@ -99,20 +123,22 @@ def sequence_sums(values: torch.Tensor, problem: LogpsProblem) -> torch.Tensor:
     return prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]
 
 
-def _reduce(problem: LogpsProblem, token_logps: torch.Tensor, return_token_logps: bool) -> LogpsOutput:
+def _reduce(problem: LogpsProblem, token_logps: torch.Tensor, return_token_logps: bool,
+            stats: tuple = ()) -> LogpsOutput:
     scored = problem.labels != problem.ignore_index
     weighted = token_logps if problem.token_weights is None else token_logps * problem.token_weights.float()
     logps = sequence_sums(weighted, problem)
     counts = sequence_sums(scored.to(torch.int64), problem)
     token_out = token_logps.view(problem.label_shape) if return_token_logps else None
-    return LogpsOutput(logps=logps, counts=counts, token_logps=token_out)
+    token_stats = TokenStats(*(s.view(problem.label_shape) for s in stats)) if stats else None
+    return LogpsOutput(logps=logps, counts=counts, token_logps=token_out, token_stats=token_stats)
 
 
 def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                  bias: torch.Tensor | None = None, ignore_index: int = -100, temperature: float = 1.0,
                  softcap: float | None = None, token_weights: torch.Tensor | None = None,
                  cu_seqlens: torch.Tensor | None = None, return_token_logps: bool = False,
-                 backend: str | None = None) -> LogpsOutput:
+                 return_token_stats: bool = False, backend: str | None = None) -> LogpsOutput:
     """Per-sequence log-probs Σ_t w_t·log softmax(z_t)[labels_t] from hidden states, never building [N, V] logits.
 
     Args:
@@ -127,19 +153,23 @@ def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         cu_seqlens: [S+1] int32/int64 sequence boundaries of the packed form (starts at 0, ends at N);
             packed input without it is one sequence.
         return_token_logps: also return the unweighted per-row log-probs (0 at ignored rows).
+        return_token_stats: also return :class:`TokenStats` (entropy, log Σp², mean logit, top-1) per row; on the
+            triton backend from the same fused pass, elsewhere from one more tiled pass. Off by default.
         backend: "triton", "cpp", "torch" or None (see :mod:`fastpref.backends`).
 
     Returns:
-        :class:`LogpsOutput` (``logps`` [S] float32, ``counts`` [S] int64, ``token_logps`` or None).
+        :class:`LogpsOutput` (``logps`` [S] float32, ``counts`` [S] int64, ``token_logps`` and ``token_stats``
+        or None).
         Differentiable, exactly, with respect to hidden, weight and bias (and token_weights) for any upstream
         gradient on ``logps`` and ``token_logps``. A sequence without scored rows has logps 0 and count 0.
     """
     problem, weight, bias = check_linear_logps_args(hidden, weight, labels, bias, ignore_index, temperature,
                                                     softcap, token_weights, cu_seqlens)
     kernels = logps_kernels(resolve_backend(backend, problem.rows.device))
-    token_logps, _ = _LinearTokenLogps.apply(problem.rows, weight, bias, problem.labels, problem.ignore_index,
-                                             problem.temperature, problem.softcap, kernels)
-    return _reduce(problem, token_logps, return_token_logps)
+    token_logps, _, *stats = _LinearTokenLogps.apply(problem.rows, weight, bias, problem.labels,
+                                                     problem.ignore_index, problem.temperature, problem.softcap,
+                                                     kernels, return_token_stats)
+    return _reduce(problem, token_logps, return_token_logps, tuple(stats))
 
 
 def logits_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,

@@ -183,8 +183,8 @@ def check_linear_logps_args(hidden, weight, labels, bias, ignore_index, temperat
     if hidden.dim() not in (2, 3) or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden must be [B, T, D] or [N, D] with D = weight.shape[1] = {weight.shape[1]}, "
                          f"got shape {tuple(hidden.shape)}")
-    if weight.shape[0] == 0:
-        raise ValueError("weight must have at least one vocabulary row")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be [V, D] with V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     if bias is not None:
         bias = _require_tensor("bias", bias)
         _check_same_device("bias", bias, "hidden", hidden)

@@ -21,6 +21,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+
+def _token_stats(hidden, weight, labels, **kwargs):
+    """The public API's token statistics (same fused pass on the triton backend) as a dict with token_logps."""
+    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
+                                backend="triton", **kwargs)
+    return {"token_logps": out.token_logps, **out.token_stats._asdict()}
+
 def _assert_within_eager(name, fast, eager, oracle, dtype):
     fast, eager, oracle = fast.double(), eager.double(), oracle.double()
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
@@ -126,13 +133,11 @@ def test_logits_logps_matches_oracle_on_gpu(dtype):
 
 
 def test_token_stats_on_gpu():
-    from fastpref.impl.triton_logps import linear_token_stats
-
     hidden, weight, labels, _, bias, _ = _case(1500, 1024, 50257, torch.bfloat16, seed=12, bias=True)
     z = hidden.detach().double() @ weight.detach().double().T + bias.detach().double()
     z = 20.0 * torch.tanh(z / 20.0) / 0.9
     labels[1::4] = z.argmax(1)[1::4]  # a quarter of the rows predicted right
-    stats = linear_token_stats(hidden, weight, labels, bias=bias, softcap=20.0, temperature=0.9)
+    stats = _token_stats(hidden, weight, labels, bias=bias, softcap=20.0, temperature=0.9)
     log_p = torch.log_softmax(z, dim=-1)
     scored = labels != -100
     expected = {

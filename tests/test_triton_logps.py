@@ -31,6 +31,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+
+def _token_stats(hidden, weight, labels, **kwargs):
+    """The public API's token statistics (same fused pass on the triton backend) as a dict with token_logps."""
+    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
+                                backend="triton", **kwargs)
+    return {"token_logps": out.token_logps, **out.token_stats._asdict()}
+
 def _assert_within_eager(name, fast, eager, oracle, dtype):
     fast, eager, oracle = fast.double(), eager.double(), oracle.double()
     assert torch.isfinite(fast).all(), f"{name}: non-finite values"
@@ -378,7 +385,7 @@ def test_token_stats_from_the_same_pass(dtype):
     splits, _ = linear_logps_fwd.vocabulary_splits(rows, vocab, 16, 32, torch.device("cpu"))
     assert splits > 1 or torch.cuda.is_available()
 
-    stats = triton_logps.linear_token_stats(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
+    stats = _token_stats(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
                                             bias=bias.to(DEVICE), softcap=3.0, temperature=0.7)
     log_p = torch.log_softmax(z, dim=-1)
     scored = labels != -100

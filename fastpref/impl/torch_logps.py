@@ -82,6 +82,39 @@ def logits_forward(logits, labels, ignore_index, temperature, need_lse):
     return _forward(logits, labels, ignore_index, need_lse, lambda z: _logits_tiles(z, temperature))
 
 
+def linear_token_stats(hidden, weight, bias, labels, ignore_index, temperature, softcap):
+    """Entropy, log Σp², mean logit and top-1 flag per row of p = softmax(z) (see fastpref.logps.TokenStats),
+    float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles: with m the running
+    max, s = Σ e^(z−m), t = Σ e^(z−m)·z and q = Σ e^(2(z−m)): entropy = lse − t/s, log Σp² = log q + 2m − 2·lse."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    entropy, log_sum_sq, mean_logits = (torch.zeros(n, device=device) for _ in range(3))
+    is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
+    for chunk in _scored_rows(labels, ignore_index).split(ROW_BLOCK):
+        rows = chunk.numel()
+        m = torch.full((rows,), float("-inf"), device=device)
+        s, t, q, total = (torch.zeros(rows, device=device) for _ in range(4))
+        best = torch.full((rows,), float("-inf"), device=device)
+        best_index = torch.zeros(rows, dtype=torch.int64, device=device)
+        for start, z in _linear_tiles(hidden[chunk], weight, bias, temperature, softcap):
+            tile_best, tile_index = z.max(dim=1)  # first index of the maximum within the tile
+            new_m = torch.maximum(m, tile_best)
+            scale = torch.exp(m - new_m)
+            e = torch.exp(z - new_m[:, None])
+            s, t, q = s * scale + e.sum(1), t * scale + (e * z).sum(1), q * scale ** 2 + (e * e).sum(1)
+            m = new_m
+            total += z.sum(1)
+            better = tile_best > best  # strict: an earlier tile keeps ties
+            best = torch.where(better, tile_best, best)
+            best_index = torch.where(better, tile_index + start, best_index)
+        lse = m + torch.log(s)
+        entropy[chunk] = lse - t / s
+        log_sum_sq[chunk] = torch.log(q) + 2 * m - 2 * lse
+        mean_logits[chunk] = total / vocab
+        is_top1[chunk] = best_index == labels[chunk]
+    return entropy, log_sum_sq, mean_logits, is_top1
+
+
 def _grad_wrt_z(z, lse, labels, start, grad):
     """(onehot(y) − softmax(z)) · g for one tile, float32."""
     dz = -torch.exp(z - lse[:, None]) * grad[:, None]

@@ -134,14 +134,11 @@ def logits_backward(logits, labels, lse, grad_rows, ignore_index, temperature):
     return torch.ops.fastpref.triton_logits_bwd(logits, labels, lse, grad_rows, ignore_index, temperature)
 
 
-def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
-                       ignore_index: int = -100, temperature: float = 1.0,
-                       softcap: float | None = None) -> dict[str, Tensor]:
-    """Per-row log p_t with logging statistics of p = softmax(z_t) from the same fused pass (no gradient):
-    ``token_logps``, ``lse``, ``entropy`` (−Σ p log p), ``log_sum_sq_probs`` (log Σ p²), ``mean_logits`` (Σ z / V)
-    as float32 [N] and ``is_top1`` (bool [N], the target is torch.argmax of z); all 0 / False at ignored rows.
-    `hidden` [N, D], `weight` [V, D], `labels` [N] int64 — already validated (see fastpref.logps_inputs)."""
-    outputs = torch.ops.fastpref.triton_linear_stats(hidden.detach(), weight.detach(),
-                                                     None if bias is None else bias.detach(), labels, ignore_index,
-                                                     temperature, softcap)
-    return dict(zip(("token_logps", "lse", *TOKEN_STATS), outputs))
+def linear_forward_with_stats(hidden, weight, bias, labels, ignore_index, temperature, softcap):
+    """The forward pass that also yields per-row statistics of p = softmax(z_t), from the same fused tiles:
+    returns (token_logps, lse, (entropy, log_sum_sq_probs, mean_logits, is_top1)); entropy = −Σ p log p,
+    log Σ p², mean logit Σ z / V (float32 [N]), is_top1 (bool [N]: the target is torch.argmax of z, first index on
+    ties); all 0 / False at ignored rows. The statistics carry no gradient."""
+    token_logps, lse, *stats = torch.ops.fastpref.triton_linear_stats(hidden, weight, bias, labels, ignore_index,
+                                                                      temperature, softcap)
+    return token_logps, lse, tuple(stats)

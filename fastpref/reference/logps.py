@@ -2,6 +2,7 @@
 
 z = h·Wᵀ (+ b); z = c·tanh(z/c) if softcap c; z = z / T; log p_t = log_softmax(z_t)[y_t];
 logps_s = Σ_{t∈s, y_t≠ignore} w_t · log p_t; counts_s = #{t∈s : y_t≠ignore}.
+Token statistics (when asked): entropy −Σ p log p, log Σ p², mean logit Σ z / V, top-1 = (argmax z == y).
 Inputs are upcast to float64 (gradients flow back to the originals); outputs are float64.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..logps import LogpsOutput
+from ..logps import LogpsOutput, TokenStats
 
 
 def _sequence_index(label_shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
@@ -22,8 +23,21 @@ def _sequence_index(label_shape: torch.Size, cu_seqlens: torch.Tensor | None, de
     return torch.arange(lengths.numel(), device=device).repeat_interleave(lengths), lengths.numel()
 
 
+def _token_stats(z: torch.Tensor, logp_all: torch.Tensor, flat: torch.Tensor, scored: torch.Tensor,
+                 shape: torch.Size) -> TokenStats:
+    zero = torch.zeros_like(z[:, 0])
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    log_sum_sq = torch.logsumexp(2 * logp_all, dim=-1)
+    return TokenStats(
+        entropy=torch.where(scored, entropy, zero).view(shape),
+        log_sum_sq_probs=torch.where(scored, log_sum_sq, zero).view(shape),
+        mean_logits=torch.where(scored, z.mean(-1), zero).view(shape),
+        is_top1=((z.argmax(-1) == flat) & scored).view(shape),
+    )
+
+
 def logits_logps(logits, labels, *, ignore_index=-100, temperature=1.0, token_weights=None, cu_seqlens=None,
-                 return_token_logps=False) -> LogpsOutput:
+                 return_token_logps=False, return_token_stats=False) -> LogpsOutput:
     z = logits.double().reshape(-1, logits.shape[-1]) / temperature
     flat = labels.reshape(-1).long()
     scored = flat != ignore_index
@@ -33,15 +47,18 @@ def logits_logps(logits, labels, *, ignore_index=-100, temperature=1.0, token_we
     seq, num = _sequence_index(labels.shape, cu_seqlens, logits.device)
     logps = torch.zeros(num, dtype=torch.float64, device=logits.device).index_add(0, seq, token * weights)
     counts = torch.zeros(num, dtype=torch.int64, device=logits.device).index_add(0, seq, scored.long())
-    return LogpsOutput(logps, counts, token.view(labels.shape) if return_token_logps else None)
+    stats = _token_stats(z.detach(), logp_all.detach(), flat, scored, labels.shape) if return_token_stats else None
+    return LogpsOutput(logps, counts, token.view(labels.shape) if return_token_logps else None, stats)
 
 
 def linear_logps(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                 token_weights=None, cu_seqlens=None, return_token_logps=False) -> LogpsOutput:
+                 token_weights=None, cu_seqlens=None, return_token_logps=False,
+                 return_token_stats=False) -> LogpsOutput:
     z = hidden.double() @ weight.double().T
     if bias is not None:
         z = z + bias.double()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return logits_logps(z, labels, ignore_index=ignore_index, temperature=temperature,
-                        token_weights=token_weights, cu_seqlens=cu_seqlens, return_token_logps=return_token_logps)
+                        token_weights=token_weights, cu_seqlens=cu_seqlens, return_token_logps=return_token_logps,
+                        return_token_stats=return_token_stats)
