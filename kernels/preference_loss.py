@@ -60,6 +60,13 @@ def _log1p(u):
 
 
 @triton.jit
+def _sigmoid(x):
+    """σ(x) computed from e^(−|x|), so no intermediate overflows."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _softplus(x):
     """sp(x) = log(1 + eˣ) without overflow."""
     return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
@@ -73,7 +80,7 @@ def _score(r, DIVERGENCE: tl.constexpr, alpha, alpha_clamp):
         e = tl.exp(-r)
         return 1.0 - e, e
     elif DIVERGENCE == JS_DIVERGENCE:
-        return 0.6931471805599453 - _softplus(-r), tl.sigmoid(-r)
+        return 0.6931471805599453 - _softplus(-r), _sigmoid(-r)
     elif DIVERGENCE == ALPHA_DIVERGENCE:
         t = (alpha - 1.0) * r
         e = tl.exp(tl.minimum(t, alpha_clamp))
@@ -89,27 +96,27 @@ def _logit_loss(CODE: tl.constexpr, z, tau, beta, eps, discopop_tau, exo_keep, e
         return tl.maximum(1.0 - z, 0.0), tl.where(z < 1.0, -1.0, 0.0)
     elif CODE == ROBUST:
         phi = ((1.0 - eps) * _softplus(-z) - eps * _softplus(z)) / (1.0 - 2.0 * eps)
-        return phi, (-(1.0 - eps) * tl.sigmoid(-z) - eps * tl.sigmoid(z)) / (1.0 - 2.0 * eps)
+        return phi, (-(1.0 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1.0 - 2.0 * eps)
     elif CODE == EXO_PAIR:
-        q_w = tl.sigmoid(z)
-        q_l = tl.sigmoid(-z)
+        q_w = _sigmoid(z)
+        q_l = _sigmoid(-z)
         phi = q_w * (-_softplus(-z) - exo_keep) + q_l * (-_softplus(z) - exo_flip)
         return phi, q_w * q_l * (z - exo_keep + exo_flip)
     elif CODE == DISCOPOP:
-        m = tl.sigmoid(z / discopop_tau)
+        m = _sigmoid(z / discopop_tau)
         em = tl.exp(-_softplus(-z / discopop_tau) - z)  # m·e^(−z) without overflow
         sp = _softplus(-z)
-        dphi = -(1.0 - m) * tl.sigmoid(-z) - m * (1.0 - m) / discopop_tau * sp - em + em * (1.0 - m) / discopop_tau
+        dphi = -(1.0 - m) * _sigmoid(-z) - m * (1.0 - m) / discopop_tau * sp - em + em * (1.0 - m) / discopop_tau
         return (1.0 - m) * sp + em, dphi
     elif (CODE == CDPO) or (CODE == SIMPO) or (CODE == AOT) or (CODE == AOT_UNPAIRED):
-        return (1.0 - eps) * _softplus(-z) + eps * _softplus(z), tl.sigmoid(z) - (1.0 - eps)
+        return (1.0 - eps) * _softplus(-z) + eps * _softplus(z), _sigmoid(z) - (1.0 - eps)
     elif CODE == RDPO:
-        return tau * _softplus(-z) + (1.0 - tau) * _softplus(z), tl.sigmoid(z) - tau
+        return tau * _softplus(-z) + (1.0 - tau) * _softplus(z), _sigmoid(z) - tau
     elif (CODE == IPO) or (CODE == SR_IPO):
         u = z - 0.5 / beta
         return u * u, 2.0 * u
     else:  # SIGMOID, SIGMOID_NORM, ODPO, SR_DPO
-        return _softplus(-z), -tl.sigmoid(-z)
+        return _softplus(-z), -_sigmoid(-z)
 
 
 @triton.jit
@@ -117,16 +124,16 @@ def _reward_loss(CODE: tl.constexpr, x, y, beta):
     """ℓ(x, y) and its partials for the types built on the two rewards x = c·r_w, y = c·r_l."""
     if CODE == NCA_PAIR:
         loss = _softplus(-x) + 0.5 * _softplus(x) + 0.5 * _softplus(y)
-        return loss, -tl.sigmoid(-x) + 0.5 * tl.sigmoid(x), 0.5 * tl.sigmoid(y)
+        return loss, -_sigmoid(-x) + 0.5 * _sigmoid(x), 0.5 * _sigmoid(y)
     elif CODE == BCO_PAIR:
-        return _softplus(-x) + _softplus(y), -tl.sigmoid(-x), tl.sigmoid(y)
+        return _softplus(-x) + _softplus(y), -_sigmoid(-x), _sigmoid(y)
     elif CODE == APO_ZERO:
-        sx = tl.sigmoid(x)
-        sy = tl.sigmoid(y)
+        sx = _sigmoid(x)
+        sy = _sigmoid(y)
         return 1.0 - sx + sy, -sx * (1.0 - sx), sy * (1.0 - sy)
     elif CODE == APO_DOWN:
-        sx = tl.sigmoid(x)
-        sd = tl.sigmoid(x - y)
+        sx = _sigmoid(x)
+        sd = _sigmoid(x - y)
         return sx + 1.0 - sd, sx * (1.0 - sx) - sd * (1.0 - sd), sd * (1.0 - sd)
     else:  # SPPO_HARD, with x = r_w, y = r_l
         u = x - 0.5 / beta

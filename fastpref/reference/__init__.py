@@ -4,5 +4,6 @@ They are the ground truth of the tests and the benchmarks, never the fast path.
 """
 
 from .logps import linear_logps, logits_logps
+from .losses import preference_loss
 
-__all__ = ["linear_logps", "logits_logps"]
+__all__ = ["linear_logps", "logits_logps", "preference_loss"]
