@@ -1,0 +1,114 @@
+"""The trainer's collator: D1's packed :class:`fastpref.collator.PreferenceCollator`, plus, per token stream, the
+completion rows the fused head reads (found here on the CPU so the training step never syncs with the device).
+
+Per stream (``""`` plain, ``"aug_"`` the refinement-prompt stream) the batch holds
+``{s}input_ids`` and ``{s}position_ids`` [1, L] (packed) or ``{s}input_ids``/``{s}attention_mask`` [2B, T]
+(``padding_free=False``), and ``{s}kept_index``, ``{s}kept_labels``, ``{s}kept_cu_seqlens`` (see
+:class:`fastpref.model_logps.KeptRows`), with ``{s}kept_token_weights`` when LD-DPO's ``ld_alpha`` is set.
+Per-pair columns (scores, τ, offsets, reference log-probs, ``example_index``) pass through unchanged.
+
+With ``aug_prefix`` (the token ids every augmented prompt starts with: the refinement prompt p, whose keys and
+values the trainer computes once, :mod:`fastpref.prefix_kv`), the augmented stream holds only what follows p:
+padded ``aug_input_ids`` [2B, T], ``aug_position_ids`` = P + t, and ``aug_attention_mask`` [2B, P + T] whose
+first P columns (the cached prefix) are visible to every row.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..collator import PreferenceCollator
+from ..model_logps import IGNORE_INDEX, KeptRows, kept_rows
+
+STREAM_PREFIXES = ("", "aug_")
+_PACKED_STREAM_KEYS = frozenset(f"{prefix}{key}" for prefix in STREAM_PREFIXES
+                                for key in ("input_ids", "position_ids", "labels", "cu_seqlens"))
+
+
+def ld_token_weights(cu_seqlens: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO (arXiv 2409.06411) weights of the kept rows: 1 on the first ``min(|y_w|, |y_l|)`` response tokens of
+    both responses of a pair, ``ld_alpha`` on the longer response's tail. ``cu_seqlens`` [2B+1], chosen first."""
+    counts = cu_seqlens[1:] - cu_seqlens[:-1]
+    pairs = counts.numel() // 2
+    shared = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+    position = torch.arange(int(cu_seqlens[-1])) - torch.repeat_interleave(cu_seqlens[:-1], counts)
+    in_tail = position >= torch.repeat_interleave(shared, counts)
+    return torch.where(in_tail, torch.tensor(ld_alpha), torch.tensor(1.0)).float()
+
+
+def _padded(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, pad_token_id: int):
+    """Unpack a [1, L] stream into right-padded [S, T] input_ids, attention_mask and labels."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    width = max(lengths)
+    pieces = zip(input_ids[0].split(lengths), labels[0].split(lengths), strict=True)
+    ids, mask, labs = [], [], []
+    for seq_ids, seq_labels in pieces:
+        pad = width - seq_ids.numel()
+        ids.append(F.pad(seq_ids, (0, pad), value=pad_token_id))
+        mask.append(F.pad(torch.ones_like(seq_ids), (0, pad)))
+        labs.append(F.pad(seq_labels, (0, pad), value=IGNORE_INDEX))
+    return torch.stack(ids), torch.stack(mask), torch.stack(labs)
+
+
+class StepCollator:
+    """Collate tokenized pairs into the trainer's batch (module docstring). Picklable for dataloader workers."""
+
+    def __init__(self, pad_token_id: int, *, with_augmented: bool = False, padding_free: bool = True,
+                 ld_alpha: float | None = None, aug_prefix: tuple[int, ...] | None = None):
+        self.packer = PreferenceCollator(pad_token_id, with_augmented=with_augmented)
+        self.pad_token_id = pad_token_id
+        self.with_augmented = with_augmented
+        self.padding_free = padding_free
+        self.ld_alpha = ld_alpha
+        self.aug_prefix = tuple(aug_prefix) if aug_prefix else None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.with_augmented and self.aug_prefix is not None:
+            features = [self._strip_prefix(i, f) for i, f in enumerate(features)]
+        packed = self.packer(features)
+        batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
+        for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
+            batch.update(self._stream(prefix, packed))
+        return batch
+
+    def _strip_prefix(self, index: int, feature: dict) -> dict:
+        aug = feature["aug_prompt_input_ids"]
+        length = len(self.aug_prefix)
+        if tuple(aug[:length]) != self.aug_prefix or len(aug) <= length:
+            raise ValueError(f"feature {index}: aug_prompt_input_ids does not start with the cached refinement "
+                             "prefix followed by at least one token")
+        return {**feature, "aug_prompt_input_ids": aug[length:]}
+
+    def _stream(self, prefix: str, packed: dict) -> dict[str, torch.Tensor]:
+        input_ids, labels = packed[f"{prefix}input_ids"], packed[f"{prefix}labels"]
+        cu_seqlens = packed[f"{prefix}cu_seqlens"]
+        if prefix == "aug_" and self.aug_prefix is not None:
+            # After a cached prefix of P tokens: padded rows at positions P.., the mask shows the prefix to all.
+            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id)
+            rows, length = kept_rows(padded_labels), len(self.aug_prefix)
+            out = {"aug_input_ids": ids,
+                   "aug_attention_mask": torch.cat([torch.ones(ids.shape[0], length, dtype=mask.dtype), mask], 1),
+                   "aug_position_ids": (torch.arange(ids.shape[1]) + length).expand_as(ids).contiguous()}
+        elif self.padding_free:
+            rows = kept_rows(labels, cu_seqlens)
+            out = {f"{prefix}input_ids": input_ids, f"{prefix}position_ids": packed[f"{prefix}position_ids"]}
+        else:
+            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id)
+            rows = kept_rows(padded_labels)
+            out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask}
+        out.update(_rows_dict(prefix, rows))
+        if self.ld_alpha is not None:
+            out[f"{prefix}kept_token_weights"] = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
+        return out
+
+
+def _rows_dict(prefix: str, rows: KeptRows) -> dict[str, torch.Tensor]:
+    return {f"{prefix}kept_index": rows.index, f"{prefix}kept_labels": rows.labels,
+            f"{prefix}kept_cu_seqlens": rows.cu_seqlens}
+
+
+def rows_from_batch(batch: dict, prefix: str = "") -> KeptRows:
+    """The :class:`KeptRows` of stream ``prefix`` stored in a collated batch."""
+    return KeptRows(index=batch[f"{prefix}kept_index"], labels=batch[f"{prefix}kept_labels"],
+                    cu_seqlens=batch[f"{prefix}kept_cu_seqlens"])

@@ -1,0 +1,179 @@
+"""``PreferenceConfig``: ``transformers.TrainingArguments`` with TRL 1.16's ``DPOConfig`` names and defaults, plus
+the Sr-DPO / rDPO / ODPO / SimPO fields and the reference-cache settings.
+
+Differences from ``DPOConfig`` (documented, deliberate):
+- ``padding_free`` defaults to None = automatic: packed (one stream, no padding) when the model runs
+  flash_attention_2/3 (varlen kernels), padded otherwise. With sdpa/eager, transformers isolates packed
+  sequences by a dense [L, L] mask, so the attention of a packed micro-batch costs O((Σ lengths)²) instead of
+  O(Σ length²): measured on the CPU demo shapes (16 sequences of ~95 tokens, tiny Llama, no-grad forward)
+  packed 37.7 ms vs padded 7.8 ms. True/False force either layout.
+- ``precompute_ref_log_probs`` defaults to True: the reference is frozen here, so its log-probs are computed
+  once per dataset and cached on disk (``ref_cache_dir``) for every later epoch and run.
+- ``gradient_checkpointing`` and ``bf16`` keep transformers' defaults (False), not TRL's, so the CPU demo runs.
+- ``sync_ref_model`` (TR-DPO) and ``activation_offloading`` are not implemented (not fields).
+
+Legacy TRL names that map cleanly onto current ones are accepted with a ``FutureWarning``:
+``rpo_alpha=a`` → ``loss_type += ["sft"]``, ``loss_weights += [a]`` (RPO = DPO + a·NLL of the chosen);
+``use_logits_to_keep`` → always on here (only completion rows reach the head); a string ``loss_type`` → a
+one-element list.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..data.prompts import SR_DPO_REFINEMENT_PROMPT
+
+REFINEMENT_MODES = ("prompt", "naive")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+ON_MISMATCH = ("recompute", "raise")
+
+
+@dataclass
+class PreferenceConfig(TrainingArguments):
+    r"""Configuration of :class:`fastpref.PreferenceTrainer` (``DPOConfig`` names; see the module docstring).
+
+    Model: ``model_init_kwargs`` (for a model given by path), ``disable_dropout``.
+    Data: ``max_length``, ``max_prompt_length``, ``truncation_mode``, ``padding_free``, ``dataset_num_proc``.
+    Reference: ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``ref_cache_dir``,
+    ``ref_cache_on_mismatch``.
+    Loss: ``loss_type`` (a name or a list; every type of :func:`fastpref.preference_loss`), ``loss_weights``,
+    ``beta``, ``label_smoothing``, ``ld_alpha`` (LD-DPO token weights), ``use_weighting`` (WPO pair weights),
+    ``discopop_tau``, ``f_divergence_type``/``f_alpha_divergence_coef``, ``simpo_gamma``,
+    ``refine_lambda``/``refinement``/``refinement_prompt`` (Sr-DPO/Sr-IPO),
+    ``odpo_alpha`` (ODPO offsets from score columns), ``score_temperature`` (rDPO τ from score columns).
+    """
+
+    # Defaults overridden from TrainingArguments (as in TRL).
+    learning_rate: float = field(default=1e-6, metadata={"help": "The initial learning rate for AdamW."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (int) or ratio."})
+
+    # Model.
+    model_init_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model "
+                                        "is given as a path."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+
+    # Data.
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing the dataset."})
+    max_length: int | None = field(
+        default=1024, metadata={"help": "Maximum length of prompt + response; None disables truncation."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Maximum prompt length before max_length applies; None: no limit."})
+    truncation_mode: str = field(
+        default="keep_start", metadata={"help": "Truncation when a sequence exceeds max_length.",
+                                         "choices": list(TRUNCATION_MODES)})
+    padding_free: bool | None = field(
+        default=None, metadata={"help": "Pack the pairs of a batch into one stream without padding; default: "
+                                        "only with flash_attention_2/3 (see the module docstring)."})
+
+    # Reference log-probs.
+    precompute_ref_log_probs: bool = field(
+        default=True, metadata={"help": "Compute the reference log-probs once per dataset and cache them on disk."})
+    precompute_ref_batch_size: int | None = field(
+        default=None, metadata={"help": "Batch size of the reference pass; default: the per-device batch size."})
+    ref_cache_dir: str = field(
+        default="fastpref_ref_cache", metadata={"help": "Directory of the reference log-prob cache."})
+    ref_cache_on_mismatch: str = field(
+        default="recompute", metadata={"help": "When the dataset/model/settings changed since the cache was written: "
+                                               "'recompute' it or 'raise'.", "choices": list(ON_MISMATCH)})
+
+    # Loss.
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "Loss type(s) of fastpref.preference_loss (e.g. sigmoid, ipo, sr_dpo, rdpo, simpo); "
+                          "several are combined with loss_weights."})
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the loss types; default 1.0 each."})
+    beta: float = field(default=0.1, metadata={"help": "β: deviation from the reference (τ for IPO)."})
+    label_smoothing: float = field(
+        default=0.0, metadata={"help": "ε of robust / exo_pair / cdpo / aot / simpo."})
+    ld_alpha: float | None = field(
+        default=None, metadata={"help": "LD-DPO α in [0, 1]: weight of response tokens beyond the shared length."})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO pair weights (policy-probability based)."})
+    discopop_tau: float = field(default=0.05, metadata={"help": "τ of the DiscoPOP loss."})
+    f_divergence_type: str = field(
+        default="reverse_kl", metadata={"help": "f-divergence regularizer (f-DPO): reverse_kl, forward_kl, "
+                                                "js_divergence or alpha_divergence."})
+    f_alpha_divergence_coef: float = field(
+        default=0.5, metadata={"help": "α of the alpha_divergence regularizer."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "Target reward margin γ of SimPO."})
+    odpo_alpha: float = field(
+        default=1.0, metadata={"help": "ODPO: offset = α·log(score_chosen − score_rejected) from score columns."})
+    score_temperature: float = field(
+        default=1.0, metadata={"help": "rDPO: τ = σ((score_chosen − score_rejected)/T) from score columns."})
+
+    # Self-refinement (Sr-DPO / Sr-IPO).
+    refinement: str = field(
+        default="prompt", metadata={"help": "Δ of sr_dpo/sr_ipo: 'prompt' (forward pass with the refinement "
+                                            "prompt, no grad) or 'naive' (the plain implicit reward, stop-gradient).",
+                                    "choices": list(REFINEMENT_MODES)})
+    refinement_prompt: str = field(
+        default=SR_DPO_REFINEMENT_PROMPT, metadata={"help": "Refinement prompt p placed before the query."})
+    refine_lambda: float = field(default=0.5, metadata={"help": "λ weighting the refinement term Δ."})
+    cache_refinement_prefix: bool = field(
+        default=True, metadata={"help": "Compute the keys/values of the refinement prompt (the token prefix every "
+                                        "augmented prompt shares) once per optimizer step instead of per pair; "
+                                        "off automatically for models whose cache is not plain full attention."})
+
+    # Legacy TRL names (mapped in __post_init__ with a FutureWarning).
+    rpo_alpha: float | None = field(
+        default=None, metadata={"help": "Deprecated (TRL): use loss_type=[..., 'sft'], loss_weights=[..., alpha]."})
+    use_logits_to_keep: bool | None = field(
+        default=None, metadata={"help": "Deprecated (TRL): always on here; only completion rows reach the head."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        self._map_legacy_names()
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ValueError(f"loss_weights must have one weight per loss_type: {len(self.loss_weights)} weights "
+                                 f"for {len(self.loss_type)} loss types {self.loss_type}")
+        if not self.loss_type:
+            raise ValueError("loss_type must name at least one loss type")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        if self.refinement not in REFINEMENT_MODES:
+            raise ValueError(f"refinement must be one of {REFINEMENT_MODES}, got {self.refinement!r}")
+        if self.ref_cache_on_mismatch not in ON_MISMATCH:
+            raise ValueError(f"ref_cache_on_mismatch must be one of {ON_MISMATCH}, got {self.ref_cache_on_mismatch!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
+        super().__post_init__()
+
+    def _map_legacy_names(self) -> None:
+        if self.rpo_alpha is not None:
+            warnings.warn("rpo_alpha is deprecated (as in TRL): it is mapped to loss_type=[..., 'sft'] with "
+                          f"loss_weights=[..., {self.rpo_alpha}]", FutureWarning, stacklevel=4)
+            weights = self.loss_weights if self.loss_weights is not None else [1.0] * len(self.loss_type)
+            self.loss_type = [*self.loss_type, "sft"]
+            self.loss_weights = [*weights, float(self.rpo_alpha)]
+            self.rpo_alpha = None
+        if self.use_logits_to_keep is not None:
+            warnings.warn("use_logits_to_keep is deprecated: fastpref always runs the head on completion rows only",
+                          FutureWarning, stacklevel=4)
+            self.use_logits_to_keep = None
+
+    @property
+    def loss_types(self) -> tuple[str, ...]:
+        return tuple(self.loss_type)
+
+    @property
+    def uses_refinement(self) -> bool:
+        """True when a loss type needs Δ (sr_dpo / sr_ipo)."""
+        return any(name in ("sr_dpo", "sr_ipo") for name in self.loss_type)
+
+    @property
+    def uses_augmented_stream(self) -> bool:
+        """True when the augmented stream (p ⊕ x, y) is run: Sr-DPO/Sr-IPO with refinement='prompt'."""
+        return self.uses_refinement and self.refinement == "prompt"

@@ -1,0 +1,65 @@
+"""Training metrics with TRL's keys, accumulated on the device: one ``.item()``-free update per micro-batch, one
+gather and one host transfer per ``log`` call.
+
+Keys: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+``logps/rejected`` (TRL's meaning: per-pair means; rewards are β·(policy − reference)), and for Sr-DPO/Sr-IPO
+``refine/delta_mean`` (mean Δ), ``refine/delta_accuracies`` (fraction of pairs with Δ > 0: the refinement
+prompt's implicit reward ranks the chosen response first) and ``refine/logit_shift`` (mean λ·Δ, what the
+refinement subtracts from the DPO logit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pair_metrics(loss_out, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                 delta: torch.Tensor | None, refine_lambda: float) -> dict[str, torch.Tensor]:
+    """Per-pair metric values [B] (detached) of one micro-batch."""
+    chosen_rewards = loss_out.chosen_rewards.detach().float()
+    rejected_rewards = loss_out.rejected_rewards.detach().float()
+    values = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "logps/chosen": chosen_logps.detach().float(),
+        "logps/rejected": rejected_logps.detach().float(),
+    }
+    if delta is not None:
+        delta = delta.detach().float()
+        values["refine/delta_mean"] = delta
+        values["refine/delta_accuracies"] = (delta > 0).float()
+        values["refine/logit_shift"] = refine_lambda * delta
+    return values
+
+
+class MetricAccumulator:
+    """Running per-key sums (device tensors) and pair counts (host ints: sizes need no device read) until
+    :meth:`compute`."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def update(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            total = value.sum()
+            self._sums[key] = self._sums[key] + total if key in self._sums else total
+            self._counts[key] = self._counts.get(key, 0) + value.numel()
+
+    def compute(self, reduce_sum=None) -> dict[str, float]:
+        """Means over every pair seen since the last call (across processes when ``reduce_sum`` sums a tensor
+        over them, e.g. ``accelerator.reduce(t, "sum")``), then reset."""
+        if not self._sums:
+            return {}
+        keys = sorted(self._sums)
+        sums = torch.stack([self._sums[k] for k in keys])
+        counts = torch.tensor([float(self._counts[k]) for k in keys], dtype=sums.dtype, device=sums.device)
+        stacked = torch.stack([sums, counts])
+        if reduce_sum is not None:
+            stacked = reduce_sum(stacked)
+        sums, counts = stacked.double().cpu().unbind(0)
+        self._sums.clear()
+        self._counts.clear()
+        return {key: float(total / count) for key, total, count in zip(keys, sums, counts, strict=True) if count > 0}

@@ -1,0 +1,56 @@
+"""Tokenization of a preference dataset for the trainer: :func:`fastpref.data.tokenize_pair` on every row, the
+text columns replaced by token ids, optional per-pair columns kept, and an ``example_index`` column added (the
+reference cache is indexed by it).
+
+Rows that cannot be trained on after truncation (a prompt that fills ``max_length`` under ``keep_start``
+leaves an empty response) are dropped, as TRL drops them, with one warning that counts them and quotes the
+first reason; any other tokenization error is raised.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ..data import tokenize_pair
+
+_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "messages")
+_ERROR_COLUMN = "_fastpref_tokenize_error"
+_DROPPABLE = "after truncation"
+
+
+def tokenize_dataset(dataset, tokenizer, args):
+    """``dataset`` (TRL formats, or already tokenized) → token-id columns per ``args`` (a PreferenceConfig)."""
+    refinement_prompt = args.refinement_prompt if args.uses_augmented_stream else None
+    columns = dataset.column_names
+    if "chosen_input_ids" in columns:
+        if refinement_prompt is not None and "aug_prompt_input_ids" not in columns:
+            raise ValueError("the tokenized dataset has no aug_prompt_input_ids column, which sr_dpo/sr_ipo with "
+                             "refinement='prompt' needs: pass the untokenized dataset")
+    else:
+        empty = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+        if refinement_prompt is not None:
+            empty["aug_prompt_input_ids"] = []
+
+        def tokenize(example):
+            try:
+                out = tokenize_pair(example, tokenizer, refinement_prompt=refinement_prompt,
+                                    max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                                    truncation_mode=args.truncation_mode)
+            except ValueError as error:
+                if _DROPPABLE not in str(error):
+                    raise
+                return {**empty, _ERROR_COLUMN: str(error)}
+            return {**out, _ERROR_COLUMN: ""}
+
+        dataset = dataset.map(tokenize, remove_columns=[c for c in _TEXT_COLUMNS if c in columns],
+                              num_proc=args.dataset_num_proc, desc="Tokenizing pairs")
+        errors = [e for e in dataset[_ERROR_COLUMN] if e]
+        if errors:
+            warnings.warn(f"dropped {len(errors)} of {len(dataset)} pairs that do not fit max_length="
+                          f"{args.max_length} (truncation_mode={args.truncation_mode!r}); first: {errors[0]}",
+                          stacklevel=3)
+            dataset = dataset.filter(lambda error: not error, input_columns=[_ERROR_COLUMN])
+        dataset = dataset.remove_columns(_ERROR_COLUMN)
+    if "example_index" not in dataset.column_names:
+        dataset = dataset.add_column("example_index", list(range(len(dataset))))
+    return dataset
