@@ -61,9 +61,10 @@ def compare_logps_head(device: str = "cpu", rows: int = 1024, dim: int = 256, vo
     return "\n".join([
         f"fused log-prob head vs eager full logits ({dev.type}, float32, {batch}x{steps} rows, D={dim}, "
         f"V={vocab}, 25% prompt rows), forward+backward:",
-        f"  eager (logits, log_softmax, gather): {eager_t * 1e3:8.1f} ms   peak +{eager_mem / mib:7.1f} MiB   "
+        f"  {'eager (logits, log_softmax, gather):':38s} {eager_t * 1e3:8.1f} ms   peak +{eager_mem / mib:7.1f} MiB   "
         f"max|err| {float((eager_out - truth).abs().max()):.2e}",
-        f"  fastpref ({backend:6s} backend):        {fused_t * 1e3:8.1f} ms   peak +{fused_mem / mib:7.1f} MiB   "
+        f"  {f'fastpref ({backend} backend):':38s} {fused_t * 1e3:8.1f} ms   peak +{fused_mem / mib:7.1f} MiB   "
         f"max|err| {float((fused_out - truth).abs().max()):.2e}",
-        f"  -> {eager_t / fused_t:.2f}x the speed, {eager_mem / max(fused_mem, 1):.1f}x less memory",
+        f"  -> {eager_t / fused_t:.2f}x the speed of eager, "
+        f"{eager_mem / max(fused_mem, 2 ** 20):.0f}x less peak memory (fused peak counted as at least 1 MiB)",
     ])

@@ -1,12 +1,18 @@
 """Peak memory of one call, on CUDA (the caching allocator's counters) or on the CPU (resident set sampled).
 
 On the CPU the resident set size is read from /proc every half millisecond on a helper thread while the call
-runs; torch releases the GIL in its kernels, and large tensors are mmapped, so they show up and go away in
-the resident set. The figure is the growth over the resident size before the call.
+runs (torch releases the GIL in its kernels). For the resident set to follow live tensors, glibc is told to
+serve every allocation of 64 KiB or more with its own mmap (M_MMAP_THRESHOLD, which also stops glibc from
+raising that threshold after large frees) and to return free heap pages first (malloc_trim); otherwise memory
+freed by an earlier call would be reused without showing up. The figure is the growth over the resident size
+before the call.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import threading
 import time
@@ -17,6 +23,22 @@ import torch
 
 T = TypeVar("T")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@functools.cache
+def _glibc():
+    """glibc with every allocation >= 64 KiB mmapped (so freed tensors leave the resident set), or None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is None or not libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024):
+            return None
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _rss_bytes() -> int:
@@ -36,6 +58,9 @@ def peak_memory(fn: Callable[[], T], device: torch.device | str = "cpu") -> tupl
         return result, torch.cuda.max_memory_allocated(device) - base
     if not os.path.exists("/proc/self/statm"):
         raise RuntimeError("CPU peak memory needs /proc/self/statm (Linux)")
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     base = _rss_bytes()
     peak = base
     running = True
