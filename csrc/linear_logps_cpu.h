@@ -1,0 +1,77 @@
+// Shared by the two files of the linear_logps CPU kernels: linear_logps_cpu.cpp (design notes, checks,
+// forward, op registration) and linear_logps_backward_cpu.cpp (the backward passes). Tiling constants and
+// plans, the gathered active rows, and the backward entry point.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace fastpref::cpu::linear {
+
+constexpr int64_t kRowBlock = 256;                 // active rows per tile
+constexpr int64_t kTileElems = 256 * 2048;         // logits per tile: 2 MiB in float32
+constexpr int64_t kWeightBlockElems = int64_t{1} << 21;  // upcast weight block ≤ 8 MiB in float32
+constexpr int64_t kVocabQuantum = 64;              // vocabulary blocks are multiples of this
+constexpr int64_t kGemmDepth = 2048;               // longest float32 dot product of a backward GEMM
+constexpr int64_t kForwardItems = 64;              // forward work items to aim for (vocabulary is split to get them)
+constexpr int64_t kRowItems = 8;                   // backward dH work items to aim for (row tiles are shortened)
+constexpr int64_t kMinRowBlock = 128;              // ... but not below this many rows
+constexpr int64_t kFusedGroups = 16;               // fused backward: vocabulary groups (work items) per row tile
+
+struct Tiling {
+  int64_t rows;
+  int64_t vocab;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Tiles of `rows` rows (1 <= rows <= kRowBlock) and as many vocabulary entries as the tile and weight-block
+// budgets allow, a multiple of kVocabQuantum (or all of V).
+inline Tiling plan_tiles(int64_t rows, int64_t vocab, int64_t dim) {
+  int64_t cols = std::min(kTileElems / rows, kWeightBlockElems / std::max<int64_t>(dim, 1));
+  cols = std::max(kVocabQuantum, cols / kVocabQuantum * kVocabQuantum);
+  return {rows, std::min(cols, vocab)};
+}
+
+// Row tiles of the forward and of the backward's dW pass: as tall as possible.
+inline int64_t tall_row_block(int64_t active_rows) { return std::max<int64_t>(1, std::min(active_rows, kRowBlock)); }
+
+// Row tiles of the backward's dH pass, whose work items are row tiles: short enough to give ~kRowItems items,
+// but at least kMinRowBlock rows (shorter tiles make the GEMMs slow) and at most kRowBlock.
+inline int64_t short_row_block(int64_t active_rows) {
+  const int64_t rows = ceil_div(ceil_div(active_rows, kRowItems), 16) * 16;
+  return std::max<int64_t>(1, std::min({std::max(rows, kMinRowBlock), kRowBlock, active_rows}));
+}
+
+// The active rows, gathered and upcast; the bias upcast; the labels of the active rows.
+struct GatheredRows {
+  at::Tensor index;     // [n] int64: position of each active row in the input
+  at::Tensor hidden;    // [n, D] accumulation type, contiguous
+  at::Tensor bias;      // [V] accumulation type, or undefined
+  std::vector<int64_t> labels;
+};
+
+// Rows [start, start + count) of the contiguous weight in the accumulation type: a view when no upcast is
+// needed, else a copy into `buffer`.
+inline at::Tensor weight_block(const at::Tensor& weight, int64_t start, int64_t count, at::Tensor& buffer) {
+  at::Tensor block = weight.narrow(0, start, count);
+  if (!buffer.defined()) return block;
+  at::Tensor upcast = buffer.narrow(0, 0, count * weight.size(1)).view({count, weight.size(1)});
+  upcast.copy_(block);
+  return upcast;
+}
+
+// The backward over the gathered rows (linear_logps_backward_cpu.cpp). dhidden_rows: [n, D] float64 zeros or
+// undefined; dweight: [V, D] zeros in the weight's dtype or undefined; dbias: [V] zeros in the bias dtype or
+// undefined; row_lse and grad_scale (g / T) per gathered row, in the accumulation type.
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<float>& row_lse,
+                   const std::vector<float>& grad_scale, double temperature, double softcap,
+                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<double>& row_lse,
+                   const std::vector<double>& grad_scale, double temperature, double softcap,
+                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
+
+}  // namespace fastpref::cpu::linear

@@ -1,0 +1,347 @@
+"""The compiled CPU ops torch.ops.fastpref.{linear,logits}_logps_{fwd,bwd}, called directly (below the public API).
+
+Checks: the ops and their fake kernels (shapes under FakeTensorMode, torch.library.opcheck); values and
+gradients against a float64 autograd oracle for fp32/fp16/bf16/fp64 inputs, with bias, softcap, temperature,
+ignored rows, zero-gradient rows and several vocabulary and row tiles; bit-for-bit determinism across runs and
+thread counts; memory safety for labels outside [0, V); the contract checks; a 2^20 vocabulary in bounded memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastpref
+
+if not fastpref.backends()["cpp"].available:
+    pytest.skip(f"cpp backend missing: {fastpref.backends()['cpp'].reason}", allow_module_level=True)
+
+import fastpref.impl.cpp_logps  # noqa: E402,F401  (registers the fake kernels)
+
+OPS = torch.ops.fastpref
+IGNORE = -100
+# (rtol, atol relative to the largest |oracle|) per input dtype: the kernels compute in float32 (float64 for
+# float64 inputs); fp16/bf16 gradients are rounded to their dtype at the end.
+TOL = {torch.float64: (2e-6, 2e-6), torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 1e-3),
+       torch.bfloat16: (1e-2, 8e-3)}
+
+
+def _linear_case(n, dim, vocab, dtype, seed, ignored=0.3, zero_grad=0.2, with_bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, dim, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) * 3 * dim ** -0.5).to(dtype)
+    bias = torch.randn(vocab, generator=gen).to(dtype) if with_bias else None
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignored] = IGNORE
+    grad = torch.randn(n, generator=gen)
+    grad[torch.rand(n, generator=gen) < zero_grad] = 0.0
+    return hidden, weight, bias, labels, grad
+
+
+def _oracle_linear(hidden, weight, bias, labels, grad, temperature, softcap):
+    """float64 token log-probs, lse and the gradients of Σ_t grad_t · log p_t (0 at ignored rows)."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    z = h @ w.T + (0 if b is None else b)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    scored = labels != IGNORE
+    token = torch.where(scored, z.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    lse = torch.logsumexp(z, -1)
+    grads = torch.autograd.grad((token * grad.double()).sum(), [t for t in (h, w, b) if t is not None])
+    return token.detach(), lse.detach(), grads
+
+
+def _close(name, got, want, dtype):
+    rtol, atol = TOL[dtype]
+    scale = max(1.0, want.abs().max().item())
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def test_ops_are_registered():
+    for name in ("linear_logps_fwd", "linear_logps_bwd", "logits_logps_fwd", "logits_logps_bwd"):
+        assert hasattr(OPS, name), name
+    schema = str(OPS.linear_logps_fwd.default._schema)
+    assert "Tensor? bias" in schema and "float softcap" in schema
+
+
+# n, dim, vocab, temperature, softcap, bias: the larger cases span several row tiles (256 rows) and vocabulary
+# blocks (2048 columns at 256 rows).
+LINEAR_CASES = [
+    pytest.param(37, 24, 301, 1.0, 0.0, False, id="small"),
+    pytest.param(19, 16, 517, 0.7, 5.0, True, id="softcap-temp-bias"),
+    pytest.param(300, 8, 4500, 1.3, 0.0, True, id="multi-tile"),
+    pytest.param(290, 12, 2100, 0.9, 2.5, True, id="multi-tile-softcap"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n,dim,vocab,temperature,softcap,with_bias", LINEAR_CASES)
+def test_linear_ops_match_float64(dtype, n, dim, vocab, temperature, softcap, with_bias):
+    hidden, weight, bias, labels, grad = _linear_case(n, dim, vocab, dtype, seed=n + vocab, with_bias=with_bias)
+    token, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, temperature, softcap, True)
+    want_token, want_lse, want_grads = _oracle_linear(hidden, weight, bias, labels, grad, temperature,
+                                                      softcap)
+    scored = labels != IGNORE
+    assert token.dtype == torch.float32 and lse.dtype == torch.float32
+    assert torch.all(token[~scored] == 0) and torch.all(lse[~scored] == 0)
+    _close("token_logps", token, want_token, torch.float32)
+    _close("lse", lse[scored], want_lse[scored], torch.float32)
+
+    grads = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, temperature, softcap, True,
+                                 True, with_bias)
+    for name, got, want, like in zip(("dhidden", "dweight", "dbias"), grads, want_grads, (hidden, weight, bias)):
+        assert got.dtype == like.dtype and got.shape == like.shape, name
+        _close(name, got, want, dtype)
+    inactive = ~scored | (grad == 0)
+    assert torch.all(grads[0][inactive] == 0), "ignored and zero-gradient rows must get exactly 0"
+
+
+def test_fused_backward_with_grouped_vocabulary_blocks():
+    """> 16 vocabulary blocks of 2048: the fused dH+dW pass puts several blocks in one group; all three backward
+    passes (fused, dH only, dW/db only) agree with float64."""
+    hidden, weight, bias, labels, grad = _linear_case(420, 8, 40_000, torch.float32, seed=21, ignored=0.1)
+    token, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 0.9, 0.0, True)
+    _, _, (want_dh, want_dw, want_db) = _oracle_linear(hidden, weight, bias, labels, grad, 0.9, 0.0)
+    fused = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 0.9, 0.0, True, True, True)
+    (dh_only, _, _) = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 0.9, 0.0, True, False,
+                                           False)
+    (_, dw_only, db_only) = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 0.9, 0.0, False,
+                                                 True, True)
+    for name, got, want in [("fused dH", fused[0], want_dh), ("fused dW", fused[1], want_dw),
+                            ("fused db", fused[2], want_db), ("dH", dh_only, want_dh), ("dW", dw_only, want_dw),
+                            ("db", db_only, want_db)]:
+        _close(name, got, want, torch.float32)
+
+
+def test_linear_bwd_returns_empty_for_gradients_not_asked():
+    hidden, weight, bias, labels, grad = _linear_case(9, 8, 40, torch.float32, seed=1)
+    token, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, False)
+    assert lse.numel() == 0
+    _, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, True)
+    full = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 1.0, 0.0, True, True, True)
+    for flags in [(True, False, False), (False, True, False), (False, False, True)]:
+        got = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 1.0, 0.0, *flags)
+        for wanted, g, f in zip(flags, got, full):
+            if wanted:
+                torch.testing.assert_close(g, f, rtol=1e-6, atol=1e-7)
+            else:
+                assert g.numel() == 0
+
+
+def test_zero_gradient_rows_contribute_nothing():
+    hidden, weight, bias, labels, grad = _linear_case(40, 16, 333, torch.float32, seed=2, ignored=0.0,
+                                                      zero_grad=0.5)
+    _, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, True)
+    dh, dw, db = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 1.0, 0.0, True, True, True)
+    live = grad != 0
+    assert torch.all(dh[~live] == 0)
+    sub = [t[live] for t in (hidden, labels, lse, grad)]
+    _, sub_dw, sub_db = OPS.linear_logps_bwd(sub[0], weight, bias, sub[1], sub[2], sub[3], IGNORE, 1.0, 0.0,
+                                             False, True, True)
+    torch.testing.assert_close(dw, sub_dw, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(db, sub_db, rtol=1e-5, atol=1e-6)
+    nothing = OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, torch.zeros_like(grad), IGNORE, 1.0, 0.0,
+                                   True, True, True)
+    assert all(torch.all(t == 0) for t in nothing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_logits_ops_match_float64(dtype):
+    gen = torch.Generator().manual_seed(5)
+    n, vocab, temperature = 23, 9000, 0.8  # vocab spans several 4096-wide chunks
+    wide = (torch.randn(n, vocab + 7, generator=gen) * 4).to(dtype)
+    logits = wide[:, 3:vocab + 3]  # strided rows: read in place, never copied
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[::4] = IGNORE
+    grad = torch.randn(n, generator=gen)
+    grad[1::5] = 0.0
+    token, lse = OPS.logits_logps_fwd(logits, labels, IGNORE, temperature, True)
+    z = (logits.detach().double() / temperature).requires_grad_()
+    scored = labels != IGNORE
+    want = torch.where(scored, z.log_softmax(-1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
+    _close("token_logps", token, want.detach(), torch.float32)
+    _close("lse", lse[scored], torch.logsumexp(z, -1).detach()[scored], torch.float32)
+    (want_grad,) = torch.autograd.grad((want * grad.double()).sum(), z)
+    dlogits = OPS.logits_logps_bwd(logits, labels, lse, grad, IGNORE, temperature)
+    assert dlogits.dtype == dtype and dlogits.shape == logits.shape
+    _close("dlogits", dlogits, want_grad / temperature, dtype)
+    assert torch.all(dlogits[~scored | (grad == 0)] == 0)
+
+
+def _linear_run(hidden, weight, bias, labels, grad):
+    token, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 0.9, 3.0, True)
+    return (token, lse, *OPS.linear_logps_bwd(hidden, weight, bias, labels, lse, grad, IGNORE, 0.9, 3.0, True,
+                                              True, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype):
+    case = _linear_case(300, 32, 9000, dtype, seed=11)  # several work items in every pass
+    logits = torch.randn(50, 5000).to(dtype)
+    labels = torch.randint(0, 5000, (50,))
+    grad = torch.randn(50)
+
+    def logits_run():
+        token, lse = OPS.logits_logps_fwd(logits, labels, IGNORE, 1.1, True)
+        return token, lse, OPS.logits_logps_bwd(logits, labels, lse, grad, IGNORE, 1.1)
+
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (threads, threads, 1, max(2, threads)):
+            torch.set_num_threads(count)
+            results.append((*_linear_run(*case), *logits_run()))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_inputs_that_require_grad_are_accepted():
+    """The autograd wrapper calls the ops with leaf tensors that require grad; the kernels' inner ATen calls (also
+    those made from worker threads) must not try to record them."""
+    hidden, weight, bias, labels, grad = _linear_case(300, 16, 3000, torch.float32, seed=12)
+    plain = _linear_run(hidden, weight, bias, labels, grad)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    with torch.enable_grad():
+        tracked = _linear_run(leaves[0], leaves[1], leaves[2], labels, grad)
+    for a, b in zip(plain, tracked):
+        assert torch.equal(a, b.detach())
+
+
+def test_strided_inputs_and_nan_rows():
+    """Non-contiguous hidden/weight give the contiguous result; a NaN in a row makes that row NaN, no other."""
+    hidden, weight, bias, labels, grad = _linear_case(40, 12, 700, torch.float32, seed=13, ignored=0.0,
+                                                      zero_grad=0.0)
+    strided_h = torch.stack([hidden, hidden], 2)[..., 0]
+    strided_w = weight.T.contiguous().T
+    assert not strided_h.is_contiguous() and not strided_w.is_contiguous()
+    want = _linear_run(hidden, weight, bias, labels, grad)
+    for a, b in zip(want, _linear_run(strided_h, strided_w, bias, labels, grad)):
+        assert torch.equal(a, b)
+    poisoned = hidden.clone()
+    poisoned[5, 3] = float("nan")
+    token, lse = OPS.linear_logps_fwd(poisoned, weight, bias, labels, IGNORE, 1.0, 0.0, True)
+    assert torch.isnan(token[5]) and torch.isnan(lse[5])
+    assert torch.isfinite(token[torch.arange(40) != 5]).all()
+    logits = torch.randn(3, 5000)
+    logits[1, 4321] = float("nan")
+    token, lse = OPS.logits_logps_fwd(logits, torch.tensor([0, 1, 2]), IGNORE, 1.0, True)
+    assert torch.isnan(lse[1]) and torch.isfinite(lse[[0, 2]]).all()
+
+
+def test_fake_kernels_give_shapes():
+    with FakeTensorMode():
+        hidden, weight = torch.empty(7, 5, dtype=torch.bfloat16), torch.empty(11, 5, dtype=torch.bfloat16)
+        bias, labels = torch.empty(11, dtype=torch.bfloat16), torch.empty(7, dtype=torch.int64)
+        token, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, False)
+        assert token.shape == (7,) and token.dtype == torch.float32 and lse.shape == (0,)
+        rows = torch.empty(7)
+        dh, dw, db = OPS.linear_logps_bwd(hidden, weight, bias, labels, rows, rows, IGNORE, 1.0, 0.0, True, False,
+                                          True)
+        assert dh.shape == (7, 5) and dh.dtype == torch.bfloat16 and dw.shape == (0,) and db.shape == (11,)
+        logits = torch.empty(7, 11, dtype=torch.float16)
+        token, lse = OPS.logits_logps_fwd(logits, labels, IGNORE, 1.0, True)
+        assert lse.shape == (7,) and lse.dtype == torch.float32
+        dlogits = OPS.logits_logps_bwd(logits, labels, rows, rows, IGNORE, 1.0)
+        assert dlogits.shape == (7, 11) and dlogits.dtype == torch.float16
+
+
+def test_opcheck():
+    hidden, weight, bias, labels, grad = _linear_case(13, 8, 50, torch.float32, seed=3)
+    _, lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, True)
+    logits = torch.randn(13, 50)
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(OPS.linear_logps_fwd, (hidden, weight, bias, labels, IGNORE, 0.8, 2.0, True),
+                          test_utils=tests)
+    torch.library.opcheck(OPS.linear_logps_bwd,
+                          (hidden, weight, bias, labels, lse, grad, IGNORE, 1.0, 0.0, True, True, True),
+                          test_utils=tests)
+    torch.library.opcheck(OPS.logits_logps_fwd, (logits, labels, IGNORE, 1.0, False), test_utils=tests)
+    torch.library.opcheck(OPS.logits_logps_bwd, (logits, labels, lse, grad, IGNORE, 1.0), test_utils=tests)
+
+
+def test_labels_out_of_range_never_read_memory():
+    """With the Python value checks off, a bad label gives NaN for its row and no one-hot term, nothing else."""
+    hidden, weight, bias, labels, grad = _linear_case(6, 8, 30, torch.float32, seed=4, ignored=0.0, zero_grad=0.0)
+    bad = labels.clone()
+    bad[1], bad[3], bad[4] = 30, -7, 2 ** 62
+    token, lse = OPS.linear_logps_fwd(hidden, weight, bias, bad, IGNORE, 1.0, 0.0, True)
+    good_token, good_lse = OPS.linear_logps_fwd(hidden, weight, bias, labels, IGNORE, 1.0, 0.0, True)
+    is_bad = torch.tensor([False, True, False, True, True, False])
+    assert torch.isnan(token[is_bad]).all() and torch.equal(token[~is_bad], good_token[~is_bad])
+    assert torch.equal(lse, good_lse)
+    dh, dw, db = OPS.linear_logps_bwd(hidden, weight, bias, bad, lse, grad, IGNORE, 1.0, 0.0, True, True, True)
+    assert torch.isfinite(dh).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+    # A bad row's gradient is −softmax·g: its sum over the vocabulary is −g (no one-hot term was added).
+    logits = torch.randn(6, 30)
+    token, lse = OPS.logits_logps_fwd(logits, bad, IGNORE, 1.0, True)
+    assert torch.isnan(token[is_bad]).all() and torch.isfinite(token[~is_bad]).all()
+    dlogits = OPS.logits_logps_bwd(logits, bad, lse, grad, IGNORE, 1.0)
+    torch.testing.assert_close(dlogits[is_bad].sum(1), -grad[is_bad])
+
+
+def test_contract_violations_raise():
+    hidden, weight, bias, labels, grad = _linear_case(5, 8, 20, torch.float32, seed=6)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        OPS.linear_logps_fwd(hidden, weight[:, :7], bias, labels, IGNORE, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="labels must be int64"):
+        OPS.linear_logps_fwd(hidden, weight, bias, labels.int(), IGNORE, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        OPS.linear_logps_fwd(hidden, weight, bias[:-1], labels, IGNORE, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        OPS.linear_logps_fwd(hidden, weight.double(), None, labels, IGNORE, 1.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="temperature"):
+        OPS.linear_logps_fwd(hidden, weight, None, labels, IGNORE, 0.0, 0.0, False)
+    with pytest.raises(RuntimeError, match="grad_rows must be"):
+        OPS.linear_logps_bwd(hidden, weight, None, labels, grad, grad[:3], IGNORE, 1.0, 0.0, True, False, False)
+    with pytest.raises(RuntimeError, match="need_bias"):
+        OPS.linear_logps_bwd(hidden, weight, None, labels, grad, grad, IGNORE, 1.0, 0.0, False, False, True)
+    with pytest.raises(RuntimeError, match="logits must be"):
+        OPS.logits_logps_fwd(torch.randn(5, 0), labels, IGNORE, 1.0, False)
+    with pytest.raises(RuntimeError, match="lse must be float32"):
+        OPS.logits_logps_bwd(torch.randn(5, 20), labels, grad.double(), grad, IGNORE, 1.0)
+
+
+def _largest_allocation(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_huge_vocabulary_in_bounded_memory():
+    """V = 2^20 with a few rows: no allocation comes near the [N, V] float32 logits, results stay exact."""
+    n, dim, vocab = 8, 4, 2 ** 20
+    hidden, weight, bias, labels, grad = _linear_case(n, dim, vocab, torch.float32, seed=8, ignored=0.2,
+                                                      zero_grad=0.0, with_bias=False)
+    logits_bytes = n * vocab * 4
+    out = {}
+    peak_fwd = _largest_allocation(
+        lambda: out.update(fwd=OPS.linear_logps_fwd(hidden, weight, None, labels, IGNORE, 1.0, 0.0, True)))
+    token, lse = out["fwd"]
+    peak_bwd = _largest_allocation(
+        lambda: out.update(bwd=OPS.linear_logps_bwd(hidden, weight, None, labels, lse, grad, IGNORE, 1.0, 0.0,
+                                                    True, False, False)))
+    assert peak_fwd < logits_bytes / 8 and peak_bwd < logits_bytes / 8, (peak_fwd, peak_bwd, logits_bytes)
+    want_token, _, (want_dh, _) = _oracle_linear(hidden, weight, None, labels, grad, 1.0, 0.0)
+    _close("token_logps", token, want_token, torch.float32)
+    _close("dhidden", out["bwd"][0], want_dh, torch.float32)
+
+
+def test_backend_module_maps_empty_to_none():
+    from fastpref.impl import logps_kernels
+
+    kernels = logps_kernels("cpp")
+    hidden, weight, bias, labels, grad = _linear_case(7, 8, 30, torch.float32, seed=9)
+    token, lse = kernels.linear_forward(hidden, weight, None, labels, IGNORE, 1.0, None, True)
+    dh, dw, db = kernels.linear_backward(hidden, weight, None, labels, lse, grad, IGNORE, 1.0, None, False, True,
+                                         False)
+    assert dh is None and db is None and dw.shape == weight.shape
+    assert token.shape == (7,) and lse.shape == (7,)
+    capped = fastpref.linear_logps(hidden, weight, labels, backend="cpp", softcap=None, return_token_logps=True)
+    torch.testing.assert_close(capped.token_logps, token)
