@@ -12,29 +12,12 @@ import os
 
 import pytest
 import torch
+from logps_checks import assert_within_eager, eager_linear_logps, token_stats_via_api, upstream_grads
 
 import fastpref
 from fastpref import reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-
-def _token_stats(hidden, weight, labels, **kwargs):
-    """The public API's token statistics (same fused pass on the triton backend) as a dict with token_logps."""
-    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
-                                backend="triton", **kwargs)
-    return {"token_logps": out.token_logps, **out.token_stats._asdict()}
-
-def _assert_within_eager(name, fast, eager, oracle, dtype):
-    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
-    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
-    err_fast = (fast - oracle).abs().max().item()
-    err_eager = (eager - oracle).abs().max().item()
-    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
 
 
 def _case(rows, dim, vocab, dtype, seed, ignored=0.4, bias=False, sequences=7):
@@ -50,22 +33,6 @@ def _case(rows, dim, vocab, dtype, seed, ignored=0.4, bias=False, sequences=7):
     return hidden, weight, labels, cu, b, weights
 
 
-def _eager(hidden, weight, labels, bias, softcap, temperature, token_weights, cu):
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return reference.logits_logps(z, labels, temperature=temperature, token_weights=token_weights, cu_seqlens=cu,
-                                  return_token_logps=True)
-
-
-def _grads(out, params, g_seq, g_tok):
-    loss = (out.logps.double() * g_seq).sum() + (out.token_logps.double() * g_tok).sum()
-    return torch.autograd.grad(loss, params)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows,dim,vocab,softcap,temperature,bias", [
     (1999, 1024, 32003, None, 1.0, False),
@@ -78,18 +45,19 @@ def test_linear_logps_matches_oracle_on_gpu(dtype, rows, dim, vocab, softcap, te
                   return_token_logps=True)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
     oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
-    eager = _eager(hidden, weight, labels, b, softcap, temperature, weights, cu)
+    eager = eager_linear_logps(hidden, weight, labels, b, softcap, temperature, weights, cu)
     assert torch.equal(out.counts, oracle.counts)
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
-    _assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
     gen = torch.Generator(device="cuda").manual_seed(1)
     g_seq = torch.randn(out.logps.shape, device="cuda", generator=gen, dtype=torch.float64)
     g_seq[0] = 0.0
     g_tok = torch.randn(labels.shape, device="cuda", generator=gen, dtype=torch.float64)
     params = [p for p in (hidden, weight, b) if p is not None]
-    for name, fast, eg, orc in zip(("hidden", "weight", "bias"), _grads(out, params, g_seq, g_tok),
-                                   _grads(eager, params, g_seq, g_tok), _grads(oracle, params, g_seq, g_tok)):
-        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+    for name, fast, eg, orc in zip(("hidden", "weight", "bias"), upstream_grads(out, params, g_seq, g_tok),
+                                   upstream_grads(eager, params, g_seq, g_tok),
+                                   upstream_grads(oracle, params, g_seq, g_tok)):
+        assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
 
 
 def test_many_row_chunks_keep_bf16_weight_gradient_accurate(monkeypatch):
@@ -103,14 +71,14 @@ def test_many_row_chunks_keep_bf16_weight_gradient_accurate(monkeypatch):
     kwargs = dict(cu_seqlens=cu, return_token_logps=True)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
     oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
-    eager = _eager(hidden, weight, labels, None, None, 1.0, None, cu)
+    eager = eager_linear_logps(hidden, weight, labels, None, None, 1.0, None, cu)
     gen = torch.Generator(device="cuda").manual_seed(2)
     g_seq = torch.randn(out.logps.shape, device="cuda", generator=gen, dtype=torch.float64)
     g_tok = torch.randn(labels.shape, device="cuda", generator=gen, dtype=torch.float64)
-    for name, fast, eg, orc in zip(("hidden", "weight"), _grads(out, [hidden, weight], g_seq, g_tok),
-                                   _grads(eager, [hidden, weight], g_seq, g_tok),
-                                   _grads(oracle, [hidden, weight], g_seq, g_tok)):
-        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+    for name, fast, eg, orc in zip(("hidden", "weight"), upstream_grads(out, [hidden, weight], g_seq, g_tok),
+                                   upstream_grads(eager, [hidden, weight], g_seq, g_tok),
+                                   upstream_grads(oracle, [hidden, weight], g_seq, g_tok)):
+        assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -125,11 +93,11 @@ def test_logits_logps_matches_oracle_on_gpu(dtype):
     out = fastpref.logits_logps(logits, labels, backend="triton", **kwargs)
     oracle = reference.logits_logps(logits, labels, **kwargs)
     eager = reference.logits_logps(logits.float(), labels, **kwargs)
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq = torch.randn(4, device="cuda", generator=gen, dtype=torch.float64)
     g_tok = torch.randn(rows, device="cuda", generator=gen, dtype=torch.float64)
-    (fast,), (eg,), (orc,) = (_grads(o, [logits], g_seq, g_tok) for o in (out, eager, oracle))
-    _assert_within_eager("grad logits", fast, eg, orc, dtype)
+    (fast,), (eg,), (orc,) = (upstream_grads(o, [logits], g_seq, g_tok) for o in (out, eager, oracle))
+    assert_within_eager("grad logits", fast, eg, orc, dtype)
 
 
 def test_token_stats_on_gpu():
@@ -137,7 +105,7 @@ def test_token_stats_on_gpu():
     z = hidden.detach().double() @ weight.detach().double().T + bias.detach().double()
     z = 20.0 * torch.tanh(z / 20.0) / 0.9
     labels[1::4] = z.argmax(1)[1::4]  # a quarter of the rows predicted right
-    stats = _token_stats(hidden, weight, labels, bias=bias, softcap=20.0, temperature=0.9)
+    stats = token_stats_via_api(hidden, weight, labels, bias=bias, softcap=20.0, temperature=0.9)
     log_p = torch.log_softmax(z, dim=-1)
     scored = labels != -100
     expected = {

@@ -1,8 +1,5 @@
-"""fastpref.linear_logps / logits_logps on every backend present, against the float64 oracle.
-
-Error rule (Cut Cross-Entropy's): the fast path's error against float64 may not exceed the error of plain
-eager PyTorch in the same dtype plus a small tolerance.
-"""
+"""fastpref.linear_logps / logits_logps on every backend present, against the float64 oracle, under the error
+rule of tests/logps_checks.py (no worse than eager PyTorch in the same dtype, plus a small tolerance)."""
 
 from __future__ import annotations
 
@@ -14,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from conftest import available_backends
+from logps_checks import assert_within_eager, eager_linear_logps, upstream_grads
 
 import fastpref
 from fastpref import reference
@@ -21,19 +19,6 @@ from fastpref import reference
 BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative slack over the eager same-dtype error, and an absolute floor per dtype.
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}
-
-
-def _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu_seqlens):
-    """What a user writes today, in the inputs' dtype: full logits, float32 log_softmax, gather."""
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return reference.logits_logps(z.float(), labels, temperature=temperature, token_weights=token_weights,
-                                  cu_seqlens=cu_seqlens, return_token_logps=True)
 
 
 def _random_case(packed: bool, n_seq: int, steps: int, dim: int, vocab: int, dtype, seed: int, ignored=0.35,
@@ -62,19 +47,6 @@ def _random_case(packed: bool, n_seq: int, steps: int, dim: int, vocab: int, dty
     return hidden, weight, labels, bias, token_weights, cu
 
 
-def _grads(out_logps, out_tokens, params, g_seq, g_tok):
-    loss = (out_logps.double() * g_seq).sum() + (out_tokens.double() * g_tok).sum()
-    return torch.autograd.grad(loss, [p for p in params if p is not None])
-
-
-def _assert_within_eager(name, fast, eager, oracle, dtype):
-    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
-    err_fast = (fast - oracle).abs().max().item()
-    err_eager = (eager - oracle).abs().max().item()
-    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
-
-
 CASES = [
     # packed, sequences, steps, D, V, softcap, temperature, bias, token weights
     pytest.param(False, 3, 5, 33, 301, None, 1.0, False, False, id="padded"),
@@ -96,27 +68,27 @@ def test_linear_logps_matches_oracle(backend, dtype, packed, n_seq, steps, dim, 
                   cu_seqlens=cu)
     out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, backend=backend, **kwargs)
     oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True, **kwargs)
-    eager = _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
+    eager = eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
 
     assert out.logps.dtype == torch.float32 and out.counts.dtype == torch.int64
     assert torch.equal(out.counts, oracle.counts)
     assert out.token_logps.shape == labels.shape
     assert torch.all(out.token_logps[labels == -100] == 0)
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
-    _assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
 
     # Non-uniform upstream gradients on both outputs.
     gen = torch.Generator().manual_seed(seed + 1)
     g_seq = torch.randn(out.logps.shape, generator=gen, dtype=torch.float64)
     g_tok = torch.randn(labels.shape, generator=gen, dtype=torch.float64)
     params = (hidden, weight, bias)
-    fast_grads = _grads(out.logps, out.token_logps, params, g_seq, g_tok)
-    oracle_grads = _grads(oracle.logps, oracle.token_logps, params, g_seq, g_tok)
-    eager_grads = _grads(eager.logps, eager.token_logps, params, g_seq, g_tok)
+    fast_grads = upstream_grads(out, params, g_seq, g_tok)
+    oracle_grads = upstream_grads(oracle, params, g_seq, g_tok)
+    eager_grads = upstream_grads(eager, params, g_seq, g_tok)
     for name, fast, eg, orc, p in zip(("hidden", "weight", "bias"), fast_grads, eager_grads, oracle_grads,
                                       [p for p in params if p is not None]):
         assert fast.dtype == p.dtype and fast.shape == p.shape
-        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+        assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -139,14 +111,14 @@ def test_logits_logps_matches_oracle(backend, dtype, packed):
     oracle = reference.logits_logps(logits, labels, **kwargs)
     eager = reference.logits_logps(logits.float(), labels, **kwargs)
     assert torch.equal(out.counts, oracle.counts)
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq = torch.randn(out.logps.shape, generator=gen, dtype=torch.float64)
     g_tok = torch.randn(shape, generator=gen, dtype=torch.float64)
-    (fast,) = _grads(out.logps, out.token_logps, (logits,), g_seq, g_tok)
-    (orc,) = _grads(oracle.logps, oracle.token_logps, (logits,), g_seq, g_tok)
-    (eg,) = _grads(eager.logps, eager.token_logps, (logits,), g_seq, g_tok)
+    (fast,) = upstream_grads(out, (logits,), g_seq, g_tok)
+    (orc,) = upstream_grads(oracle, (logits,), g_seq, g_tok)
+    (eg,) = upstream_grads(eager, (logits,), g_seq, g_tok)
     assert fast.dtype == dtype
-    _assert_within_eager("grad logits", fast, eg, orc, dtype)
+    assert_within_eager("grad logits", fast, eg, orc, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
 import pytest
 from fastpref.kernels import linear_logps_bwd, linear_logps_fwd
 from fastpref.kernels.rows import compact_rows
+from logps_checks import assert_within_eager, eager_linear_logps, token_stats_via_api, upstream_grads
 
 import fastpref
 from fastpref import reference
@@ -28,40 +29,6 @@ pytestmark = pytest.mark.skipif(not fastpref.backends()["triton"].available,
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-
-def _token_stats(hidden, weight, labels, **kwargs):
-    """The public API's token statistics (same fused pass on the triton backend) as a dict with token_logps."""
-    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
-                                backend="triton", **kwargs)
-    return {"token_logps": out.token_logps, **out.token_stats._asdict()}
-
-def _assert_within_eager(name, fast, eager, oracle, dtype):
-    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
-    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
-    err_fast = (fast - oracle).abs().max().item()
-    err_eager = (eager - oracle).abs().max().item()
-    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
-
-
-def _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu_seqlens):
-    """What a user writes today, in the inputs' dtype: full logits, float32 log_softmax, gather."""
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    z = z.float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return reference.logits_logps(z, labels, temperature=temperature, token_weights=token_weights,
-                                  cu_seqlens=cu_seqlens, return_token_logps=True)
-
-
-def _grads(out, params, g_seq, g_tok):
-    loss = (out.logps.double() * g_seq).sum() + (out.token_logps.double() * g_tok).sum()
-    return torch.autograd.grad(loss, params)
 
 
 def _upstream(gen, num_seq, label_shape):
@@ -112,20 +79,20 @@ def test_linear_forward_backward_match_oracle(dtype, packed, n_seq, steps, dim, 
 
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
     oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
-    eager = _eager_linear(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
+    eager = eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
     assert torch.equal(out.counts, oracle.counts)
     assert torch.all(out.token_logps[labels == -100] == 0)
     assert out.logps[0].item() == 0.0
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
-    _assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("token_logps", out.token_logps, eager.token_logps, oracle.token_logps, dtype)
 
     params = [p for p in (hidden, weight, bias) if p is not None]
     g_seq, g_tok = _upstream(gen, out.logps.numel(), label_shape)
-    for name, fast, eg, orc, p in zip(("hidden", "weight", "bias"), _grads(out, params, g_seq, g_tok),
-                                      _grads(eager, params, g_seq, g_tok), _grads(oracle, params, g_seq, g_tok),
-                                      params):
+    for name, fast, eg, orc, p in zip(("hidden", "weight", "bias"), upstream_grads(out, params, g_seq, g_tok),
+                                      upstream_grads(eager, params, g_seq, g_tok),
+                                      upstream_grads(oracle, params, g_seq, g_tok), params):
         assert fast.dtype == p.dtype and fast.shape == p.shape
-        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+        assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
 
 
 @pytest.fixture
@@ -150,12 +117,13 @@ def test_chunked_backward_matches_oracle(small_chunks, dtype, dim):
     assert linear_logps_bwd.backward_chunks(rows, dim, vocab, 2, 16) == (16, 96)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
     oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
-    eager = _eager_linear(hidden, weight, labels, bias, 4.0, 1.0, None, cu)
+    eager = eager_linear_logps(hidden, weight, labels, bias, 4.0, 1.0, None, cu)
     params = [hidden, weight, bias]
     g_seq, g_tok = _upstream(gen, 3, (rows,))
-    for name, fast, eg, orc in zip(("hidden", "weight", "bias"), _grads(out, params, g_seq, g_tok),
-                                   _grads(eager, params, g_seq, g_tok), _grads(oracle, params, g_seq, g_tok)):
-        _assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
+    for name, fast, eg, orc in zip(("hidden", "weight", "bias"), upstream_grads(out, params, g_seq, g_tok),
+                                   upstream_grads(eager, params, g_seq, g_tok),
+                                   upstream_grads(oracle, params, g_seq, g_tok)):
+        assert_within_eager(f"grad {name}", fast, eg, orc, dtype)
 
 
 def test_zero_gradient_rows_cost_nothing_and_change_nothing(small_chunks):
@@ -224,13 +192,13 @@ def test_logits_logps_matches_oracle(dtype, packed):
     oracle = reference.logits_logps(logits, labels, **kwargs)
     eager = reference.logits_logps(logits.float(), labels, **kwargs)
     assert torch.equal(out.counts, oracle.counts)
-    _assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
+    assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq, g_tok = _upstream(gen, out.logps.numel(), shape)
-    (fast,) = _grads(out, [logits], g_seq, g_tok)
-    (orc,) = _grads(oracle, [logits], g_seq, g_tok)
-    (eg,) = _grads(eager, [logits], g_seq, g_tok)
+    (fast,) = upstream_grads(out, [logits], g_seq, g_tok)
+    (orc,) = upstream_grads(oracle, [logits], g_seq, g_tok)
+    (eg,) = upstream_grads(eager, [logits], g_seq, g_tok)
     assert fast.dtype == dtype
-    _assert_within_eager("grad logits", fast, eg, orc, dtype)
+    assert_within_eager("grad logits", fast, eg, orc, dtype)
     assert torch.all(fast.reshape(-1, vocab)[labels.reshape(-1) == -100] == 0)
 
 
@@ -385,7 +353,7 @@ def test_token_stats_from_the_same_pass(dtype):
     splits, _ = linear_logps_fwd.vocabulary_splits(rows, vocab, 16, 32, torch.device("cpu"))
     assert splits > 1 or torch.cuda.is_available()
 
-    stats = _token_stats(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
+    stats = token_stats_via_api(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE),
                                             bias=bias.to(DEVICE), softcap=3.0, temperature=0.7)
     log_p = torch.log_softmax(z, dim=-1)
     scored = labels != -100
@@ -426,6 +394,6 @@ def test_gradient_for_one_input_only(trainable):
     g_seq, g_tok = _upstream(gen, 2, (2, 9))
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", return_token_logps=True)
     oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True)
-    (fast,) = _grads(out, [param], g_seq, g_tok)
-    (want,) = _grads(oracle, [param], g_seq, g_tok)
+    (fast,) = upstream_grads(out, [param], g_seq, g_tok)
+    (want,) = upstream_grads(oracle, [param], g_seq, g_tok)
     torch.testing.assert_close(fast.double(), want.double(), rtol=0, atol=2e-5 * want.abs().max().item())

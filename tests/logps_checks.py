@@ -1,0 +1,48 @@
+"""Shared checks of the log-prob op tests: the eager same-dtype baseline, the error rule, upstream gradients.
+
+Error rule (Cut Cross-Entropy's): the fast path's error against the float64 oracle may not exceed the error of
+plain eager PyTorch in the same dtype plus a small tolerance scaled by the oracle's magnitude.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import fastpref
+from fastpref import reference
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}
+
+
+def assert_within_eager(name, fast, eager, oracle, dtype):
+    fast, eager, oracle = fast.double(), eager.double(), oracle.double()
+    assert torch.isfinite(fast).all(), f"{name}: non-finite values"
+    err_fast = (fast - oracle).abs().max().item()
+    err_eager = (eager - oracle).abs().max().item()
+    bound = err_eager + ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    assert err_fast <= bound, f"{name}: error {err_fast:.3g} > eager {dtype} error {err_eager:.3g} + tolerance"
+
+
+def eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token_weights, cu_seqlens):
+    """What a user writes today, in the inputs' dtype: full logits, float32 log_softmax, gather."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    z = z.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return reference.logits_logps(z, labels, temperature=temperature, token_weights=token_weights,
+                                  cu_seqlens=cu_seqlens, return_token_logps=True)
+
+
+def upstream_grads(out, params, g_seq, g_tok):
+    """Gradients of Σ g_seq·logps + Σ g_tok·token_logps (non-uniform upstream gradients) for the given params."""
+    loss = (out.logps.double() * g_seq).sum() + (out.token_logps.double() * g_tok).sum()
+    return torch.autograd.grad(loss, [p for p in params if p is not None])
+
+
+def token_stats_via_api(hidden, weight, labels, **kwargs):
+    """The public API's token statistics (same fused pass on the triton backend) as a dict with token_logps."""
+    out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
+                                backend="triton", **kwargs)
+    return {"token_logps": out.token_logps, **out.token_stats._asdict()}
