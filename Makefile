@@ -24,7 +24,7 @@ install: $(STAMP)
 
 $(STAMP): $(BUILD_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-build-isolation -e ".[triton,train,test]"
 	touch $(STAMP)
