@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 from .model_logps import KeptRows, stream_logps
 from .prefix_kv import PrefixKV, check_cache_forward, frozen_forward
@@ -50,6 +51,24 @@ def tree_logps(model: torch.nn.Module, tree: TreeBatch, *, prefix: PrefixKV | No
     Differentiable with respect to the model's parameters (through the hidden rows; a row gathered twice gets
     the sum of both gradients) unless called under inference mode.
     """
+    attention_mask, past_key_values = tree_forward_inputs(model, tree, prefix=prefix, attention_mask=attention_mask)
+    rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
+    out = stream_logps(model, tree.input_ids, rows, position_ids=tree.position_ids, attention_mask=attention_mask,
+                       past_key_values=past_key_values, backend=backend)
+    logps, counts = out.logps, out.counts
+    b = tree.num_pairs
+    return TreeLogps(chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_counts=counts[:b],
+                     rejected_counts=counts[b:])
+
+
+def tree_forward_inputs(model: torch.nn.Module, tree: TreeBatch, *, prefix: PrefixKV | None = None,
+                        attention_mask=None) -> tuple[object, DynamicCache | None]:
+    """The ``attention_mask`` (the tree mask in the form ``model``'s attention reads) and ``past_key_values`` (a fresh
+    cache holding ``prefix``, or None) of a forward over ``tree``, after refusing unsafe combinations by name
+    (:func:`fastpref.tree_stream.check_attention_inputs`; a cached prefix with gradient enabled is a ValueError).
+
+    ``model`` is the transformers model itself (or its peft wrapper), whose ``config`` names the attention.
+    """
     if prefix is not None and torch.is_grad_enabled():
         raise ValueError("a cached prefix carries no gradient, so a step through it would silently miss the prefix's "
                          "share; use augmented_tree_logps (or call under torch.no_grad())")
@@ -64,14 +83,7 @@ def tree_logps(model: torch.nn.Module, tree: TreeBatch, *, prefix: PrefixKV | No
                            past_key_values=past_key_values, tree=tree)
     if past_key_values is not None:
         check_cache_forward(model)
-
-    rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
-    out = stream_logps(model, tree.input_ids, rows, position_ids=tree.position_ids, attention_mask=attention_mask,
-                       past_key_values=past_key_values, backend=backend)
-    logps, counts = out.logps, out.counts
-    b = tree.num_pairs
-    return TreeLogps(chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_counts=counts[:b],
-                     rejected_counts=counts[b:])
+    return attention_mask, past_key_values
 
 
 def augmented_tree_logps(model: torch.nn.Module, aug_tree: TreeBatch, prefix: PrefixKV, *,

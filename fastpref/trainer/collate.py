@@ -11,6 +11,12 @@ With ``aug_prefix`` (the token ids every augmented prompt starts with: the refin
 values the trainer computes once, :mod:`fastpref.prefix_kv`), the augmented stream holds only what follows p:
 padded ``aug_input_ids`` [2B, T], ``aug_position_ids`` = P + t, and ``aug_attention_mask`` [2B, P + T] whose
 first P columns (the cached prefix) are visible to every row.
+
+With ``layout="tree"`` each stream is one tree-packed row (:mod:`fastpref.tree_stream`: every pair as
+[x, y_w, y_l], the prompt once): ``{s}input_ids``/``{s}position_ids`` [1, L], ``{s}tree_pair_ids`` and
+``{s}tree_role_ids`` [L] (from which the trainer builds the 4D mask on the device), ``{s}tree_position_offset``
+and ``{s}tree_max_position`` (Python ints), and the kept rows (the prompt's last row twice). With ``aug_prefix``
+the augmented tree holds what follows p, its positions starting at P.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..collator import PreferenceCollator
+from ..collator import PreferenceCollator, _token_list
 from ..model_logps import IGNORE_INDEX, KeptRows, kept_rows
+from ..tree_stream import TreeBatch, build_tree_batch
 
 STREAM_PREFIXES = ("", "aug_")
+STREAM_LAYOUTS = ("padded", "packed", "tree")
 _PACKED_STREAM_KEYS = frozenset(f"{prefix}{key}" for prefix in STREAM_PREFIXES
                                 for key in ("input_ids", "position_ids", "labels", "cu_seqlens"))
 
@@ -55,11 +63,17 @@ class StepCollator:
     """Collate tokenized pairs into the trainer's batch (module docstring). Picklable for dataloader workers."""
 
     def __init__(self, pad_token_id: int, *, with_augmented: bool = False, padding_free: bool = True,
-                 ld_alpha: float | None = None, aug_prefix: tuple[int, ...] | None = None):
-        self.packer = PreferenceCollator(pad_token_id, with_augmented=with_augmented)
+                 ld_alpha: float | None = None, aug_prefix: tuple[int, ...] | None = None, layout: str | None = None):
+        """``layout``: "padded", "packed" or "tree"; None: "packed" if ``padding_free`` else "padded"."""
+        layout = layout or ("packed" if padding_free else "padded")
+        if layout not in STREAM_LAYOUTS:
+            raise ValueError(f"layout must be one of {STREAM_LAYOUTS}, got {layout!r}")
+        # The tree layout takes only the per-pair columns from the packer.
+        self.packer = PreferenceCollator(pad_token_id, with_augmented=with_augmented and layout != "tree")
         self.pad_token_id = pad_token_id
         self.with_augmented = with_augmented
-        self.padding_free = padding_free
+        self.layout = layout
+        self.padding_free = layout != "padded"
         self.ld_alpha = ld_alpha
         self.aug_prefix = tuple(aug_prefix) if aug_prefix else None
 
@@ -69,8 +83,23 @@ class StepCollator:
         packed = self.packer(features)
         batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
         for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
-            batch.update(self._stream(prefix, packed))
+            batch.update(self._tree_stream(prefix, features) if self.layout == "tree" else self._stream(prefix, packed))
         return batch
+
+    def _tree_stream(self, prefix: str, features: list[dict]) -> dict:
+        offset = len(self.aug_prefix) if prefix == "aug_" and self.aug_prefix is not None else 0
+        tree = build_tree_batch(*([_token_list(f, key, i) for i, f in enumerate(features)]
+                                  for key in (f"{prefix}prompt_input_ids", "chosen_input_ids", "rejected_input_ids")),
+                                position_offset=offset)
+        out = {f"{prefix}input_ids": tree.input_ids, f"{prefix}position_ids": tree.position_ids,
+               f"{prefix}tree_pair_ids": tree.pair_ids, f"{prefix}tree_role_ids": tree.role_ids,
+               f"{prefix}tree_position_offset": tree.position_offset,
+               f"{prefix}tree_max_position": tree.max_position}
+        rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
+        out.update(_rows_dict(prefix, rows))
+        if self.ld_alpha is not None:
+            out[f"{prefix}kept_token_weights"] = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
+        return out
 
     def _strip_prefix(self, index: int, feature: dict) -> dict:
         aug = feature["aug_prompt_input_ids"]
@@ -112,3 +141,14 @@ def rows_from_batch(batch: dict, prefix: str = "") -> KeptRows:
     """The :class:`KeptRows` of stream ``prefix`` stored in a collated batch."""
     return KeptRows(index=batch[f"{prefix}kept_index"], labels=batch[f"{prefix}kept_labels"],
                     cu_seqlens=batch[f"{prefix}kept_cu_seqlens"])
+
+
+def tree_from_batch(batch: dict, prefix: str = "") -> TreeBatch:
+    """The :class:`fastpref.tree_stream.TreeBatch` of stream ``prefix`` stored in a collated tree-layout batch."""
+    cu_seqlens = batch[f"{prefix}kept_cu_seqlens"]
+    return TreeBatch(input_ids=batch[f"{prefix}input_ids"], position_ids=batch[f"{prefix}position_ids"],
+                     pair_ids=batch[f"{prefix}tree_pair_ids"], role_ids=batch[f"{prefix}tree_role_ids"],
+                     row_index=batch[f"{prefix}kept_index"], labels=batch[f"{prefix}kept_labels"],
+                     cu_seqlens=cu_seqlens, num_pairs=(cu_seqlens.shape[0] - 1) // 2,
+                     position_offset=batch[f"{prefix}tree_position_offset"],
+                     max_position=batch[f"{prefix}tree_max_position"])

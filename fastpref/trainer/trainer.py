@@ -1,7 +1,8 @@
 """``PreferenceTrainer``: a thin ``transformers.Trainer`` for the DPO family on fastpref's fused ops.
 
-One step: the policy's per-sequence log-probs of the batch's chosen and rejected sequences (packed or padded,
-:mod:`fastpref.trainer.collate`; the fused head inside the model's forward, :func:`fastpref.model_logps.stream_logps`);
+One step: the policy's per-sequence log-probs of the batch's chosen and rejected sequences (padded, packed, or
+tree-packed with each prompt once: ``PreferenceConfig.stream_layout``, :mod:`fastpref.trainer.collate`; the fused
+head inside the model's forward, :func:`fastpref.model_logps.stream_logps`);
 for Sr-DPO/Sr-IPO with ``refinement="prompt"`` the same for the refinement-prompt stream under
 ``torch.no_grad()`` (no activations kept), continuing the refinement prompt's keys/values computed once per
 optimizer step (:mod:`fastpref.prefix_kv`); the reference's log-probs from the disk cache (computed once per
@@ -25,8 +26,9 @@ from ..losses.definitions import LOSS_DEFINITIONS
 from ..model_logps import StreamLogps, stream_logps, unwrap_causal_lm
 from ..prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
 from ..ref_store import RefLogpsStore, fingerprint, model_fingerprint
-from ..tree_stream import UnsafeAttentionError
-from .collate import StepCollator, rows_from_batch
+from ..tree_logps import tree_forward_inputs
+from ..tree_stream import UnsafeAttentionError, attention_mask_for, build_tree_batch
+from .collate import StepCollator, rows_from_batch, tree_from_batch
 from .config import PreferenceConfig
 from .metrics import MetricAccumulator, pair_metrics
 from .ref_cache import attach_columns, cache_fingerprint, compute_reference_logps, load_or_compute, ref_columns
@@ -95,7 +97,7 @@ class PreferenceTrainer(Trainer):
         ref_model: an explicit frozen reference (model or path). Default: the initial policy — its log-probs are
             precomputed and cached — or, with ``peft_config`` / a peft model, the same model with adapters disabled.
         args: :class:`PreferenceConfig`.
-        data_collator: default :class:`fastpref.trainer.collate.StepCollator` (packed, padding-free).
+        data_collator: default :class:`fastpref.trainer.collate.StepCollator` in ``args.stream_layout``.
         train_dataset / eval_dataset: TRL formats (``prompt``/``chosen``/``rejected``, standard or conversational),
             optional ``score_chosen``, ``score_rejected``, ``tau``, ``offset``, ``ref_chosen_logps``,
             ``ref_rejected_logps`` columns; or already tokenized (``chosen_input_ids`` …).
@@ -141,15 +143,14 @@ class PreferenceTrainer(Trainer):
             ref_model.eval().requires_grad_(False)
         self.ref_model = ref_model
 
-        if args.padding_free is None:
-            attention = getattr(unwrap_causal_lm(model).config, "_attn_implementation", None) or ""
-            args.padding_free = attention.startswith("flash_attention")
+        args.stream_layout = self.stream_layout = resolve_stream_layout(model, args)
+        args.padding_free = self.stream_layout != "padded"
         train_dataset = self._tokenize(train_dataset, tokenizer, args)
         eval_dataset = self._tokenize(eval_dataset, tokenizer, args)
         self._aug_prefix = self._refinement_prefix(model, args, train_dataset, eval_dataset)
         if data_collator is None:
             data_collator = StepCollator(tokenizer.pad_token_id, with_augmented=args.uses_augmented_stream,
-                                         padding_free=args.padding_free, ld_alpha=args.ld_alpha,
+                                         layout=self.stream_layout, ld_alpha=args.ld_alpha,
                                          aug_prefix=self._aug_prefix)
         self._policy_prefix = StepPrefixKV(self._aug_prefix) if self._aug_prefix else None
         self._live_ref_prefix: PrefixKV | None = None
@@ -237,13 +238,19 @@ class PreferenceTrainer(Trainer):
         kwargs = dict(position_ids=batch.get(f"{prefix}position_ids"),
                       attention_mask=batch.get(f"{prefix}attention_mask"),
                       token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights)
-        if cached is None:
-            return stream_logps(model, input_ids, rows_from_batch(batch, prefix), **kwargs)
-        cache = DynamicCache(ddp_cache_data=tuple((k.expand(input_ids.shape[0], -1, -1, -1),
-                                                   v.expand(input_ids.shape[0], -1, -1, -1))
-                                                  for k, v in cached.key_values))
-        with frozen_forward(model):
+        with contextlib.nullcontext() if cached is None else frozen_forward(model):
+            if self.stream_layout == "tree":  # the 4D tree mask, built on the device; named errors if unsafe
+                kwargs["attention_mask"], cache = tree_forward_inputs(
+                    unwrap_causal_lm(model), tree_from_batch(batch, prefix), prefix=cached)
+            elif cached is not None:
+                cache = DynamicCache(ddp_cache_data=tuple((k.expand(input_ids.shape[0], -1, -1, -1),
+                                                           v.expand(input_ids.shape[0], -1, -1, -1))
+                                                          for k, v in cached.key_values))
+            else:
+                cache = None
             out = stream_logps(model, input_ids, rows_from_batch(batch, prefix), past_key_values=cache, **kwargs)
+        if cached is None:
+            return out
         return StreamLogps(*(None if t is None else t.clone() for t in out))
 
     def _prefix_kv(self, model, reference: bool) -> PrefixKV | None:
@@ -389,6 +396,30 @@ class PreferenceTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+
+def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str:
+    """``args.stream_layout`` with "auto" resolved for ``model`` (see :class:`PreferenceConfig`'s module docstring).
+
+    "tree" with an attention implementation that cannot express the tree mask raises the tree stream's named
+    error (:class:`fastpref.tree_stream.FlashAttentionTreeError` for flash attention, else
+    :class:`fastpref.tree_stream.UnsafeAttentionError`).
+    """
+    causal_lm = unwrap_causal_lm(model)
+    attention = getattr(causal_lm.config, "_attn_implementation", None) or ""
+    layout = args.stream_layout
+    if layout == "auto":
+        if args.padding_free is False:
+            layout = "padded"
+        elif attention == "flex_attention" and args.device.type == "cuda":
+            layout = "tree"
+        elif args.padding_free or attention.startswith("flash_attention"):
+            layout = "packed"
+        else:
+            layout = "padded"
+    if layout == "tree":  # the mask of a one-pair tree: raises now if this attention cannot express a tree
+        attention_mask_for(causal_lm, build_tree_batch([[0]], [[0]], [[0]]))
+    return layout
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
