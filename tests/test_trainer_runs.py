@@ -159,7 +159,12 @@ trainer.train()
 if trainer.is_world_process_zero():
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     Path(sys.argv[3]).write_text(json.dumps({{"losses": losses, "world": trainer.accelerator.num_processes}}))
-trainer.accelerator.end_training()  # destroys the gloo group: exiting with it alive can abort in its threads
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()  # destroys the gloo group
+# gloo's threads can abort the interpreter's teardown ("terminate called without an active exception", about one
+# run in five here) after all work is done and written; leave without that teardown.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
