@@ -46,3 +46,17 @@ def token_stats_via_api(hidden, weight, labels, **kwargs):
     out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, return_token_stats=True,
                                 backend="triton", **kwargs)
     return {"token_logps": out.token_logps, **out.token_stats._asdict()}
+
+
+def expected_token_stats(z: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float64 token log-probs and statistics from final logits z [N, V] (0 at ignored rows): the ground truth of
+    the token-statistics tests."""
+    log_p = torch.log_softmax(z.double(), dim=-1)
+    scored = labels != -100
+    expected = {
+        "token_logps": log_p.gather(1, labels.clamp(min=0)[:, None]).squeeze(1),
+        "entropy": -(log_p.exp() * log_p).sum(1),
+        "log_sum_sq_probs": torch.logsumexp(2 * log_p, dim=1),
+        "mean_logits": z.double().mean(1),
+    }
+    return {name: torch.where(scored, value, 0.0) for name, value in expected.items()}
