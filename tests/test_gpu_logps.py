@@ -12,7 +12,8 @@ import os
 
 import pytest
 import torch
-from logps_checks import assert_within_eager, eager_linear_logps, expected_token_stats, token_stats_via_api, upstream_grads
+from logps_checks import (assert_within_eager, eager_linear_logps, expected_token_stats, token_stats_via_api,
+                          upstream_grads)
 
 import fastpref
 from fastpref import reference

@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 import pytest
 from fastpref.kernels import linear_logps_bwd, linear_logps_fwd
 from fastpref.kernels.rows import compact_rows
-from logps_checks import assert_within_eager, eager_linear_logps, expected_token_stats, token_stats_via_api, upstream_grads
+from logps_checks import (assert_within_eager, eager_linear_logps, expected_token_stats, token_stats_via_api,
+                          upstream_grads)
 
 import fastpref
 from fastpref import reference
