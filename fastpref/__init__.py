@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .backends import BackendUnavailableError, backends
 from .logps import LogpsOutput, TokenStats, linear_logps, logits_logps
+from .logps_inputs import skip_value_checks
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,7 @@ _LAZY = {
     "PreferenceTrainer": ("fastpref.trainer", "PreferenceTrainer"),
 }
 
-__all__ = ["BackendUnavailableError", "LogpsOutput", "TokenStats", "backends", "linear_logps", "logits_logps", *_LAZY]
+__all__ = ["BackendUnavailableError", "LogpsOutput", "TokenStats", "backends", "linear_logps", "logits_logps", "skip_value_checks", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -6,15 +6,18 @@ sequence's row range. The padded form [B, T, ·] is the packed form with B seque
 
 Bad input raises ``TypeError``/``ValueError`` naming the argument. Shape, dtype and device checks cost
 nothing; the checks that read tensor values (labels in range, ``cu_seqlens`` well formed) are combined into
-one tensor that is read once — a single host sync on CUDA. ``FASTPREF_SKIP_VALUE_CHECKS=1`` removes it; the
-kernels stay memory-safe without it (they never use a label as an address), but results for bad labels are
-then undefined.
+one tensor that is read once — a single host sync on CUDA. ``FASTPREF_SKIP_VALUE_CHECKS=1`` removes it everywhere,
+``with fastpref.skip_value_checks():`` within a block (the trainer does this for the token ids it made and
+checked itself); the kernels stay memory-safe without it (they never use a label as an address), but results
+for bad labels are then undefined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +76,27 @@ def _check_scalars(ignore_index, temperature, softcap) -> tuple[int, float, floa
     return ignore_index, float(temperature), softcap
 
 
+# Depth of nested skip_value_checks() blocks: a plain module global, which torch.compile traces (and guards on),
+# unlike a ContextVar. Process-wide, as the training loop that uses it is.
+_skip_depth = 0
+
+
+@contextlib.contextmanager
+def skip_value_checks() -> Iterator[None]:
+    """Within this block the ops skip the checks that read tensor values (no host sync); shape, dtype and device
+    checks stay. For inputs the caller has already validated."""
+    global _skip_depth
+    _skip_depth += 1
+    try:
+        yield
+    finally:
+        _skip_depth -= 1
+
+
 def value_checks_enabled() -> bool:
+    """False inside :func:`skip_value_checks` or when ``FASTPREF_SKIP_VALUE_CHECKS`` is set."""
+    if _skip_depth:
+        return False
     return os.environ.get("FASTPREF_SKIP_VALUE_CHECKS", "0") not in {"1", "true", "yes", "on"}
 
 

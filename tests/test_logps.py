@@ -248,6 +248,21 @@ def test_bad_input_names_the_argument(mutate, error, match):
         fastpref.linear_logps(hidden, weight, labels, backend="torch", **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_value_checks_removes_only_the_value_checks(backend):
+    hidden, weight = torch.randn(4, 8), torch.randn(11, 8)
+    bad_labels = torch.tensor([1, 11, 2, -100])
+    with pytest.raises(ValueError, match="vocabulary size"):
+        fastpref.linear_logps(hidden, weight, bad_labels, backend=backend)
+    with fastpref.skip_value_checks():
+        out = fastpref.linear_logps(hidden, weight, bad_labels, backend=backend)  # memory-safe, value undefined
+        assert out.counts.tolist() == [3]
+        with pytest.raises(ValueError, match="labels must have shape"):  # shape checks stay
+            fastpref.linear_logps(hidden, weight, bad_labels[:3], backend=backend)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        fastpref.linear_logps(hidden, weight, bad_labels, backend=backend)
+
+
 def test_logits_bad_input():
     with pytest.raises(ValueError, match=">= the vocabulary size 7"):
         fastpref.logits_logps(torch.randn(3, 7), torch.tensor([0, 7, 1]))

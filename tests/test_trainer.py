@@ -169,3 +169,30 @@ def test_training_raises_held_out_accuracy(loss_type, tmp_path):
     assert before["eval_rewards/accuracies"] == 0.0  # policy = reference: every reward is 0
     assert after["eval_rewards/accuracies"] >= ACCURACY_THRESHOLD
     assert after["eval_rewards/margins"] > 0
+
+
+def test_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    model = tiny_model()
+    model.resize_token_embeddings(len(TOKENIZER) - 3)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        PreferenceTrainer(model, args=config(tmp_path), train_dataset=demo_rows("train", 4), processing_class=TOKENIZER)
+
+
+def test_training_step_reads_no_label_values(tmp_path, monkeypatch):
+    """The trainer's own token ids are checked once at construction; its log-prob calls then skip the per-call
+    value checks (a host sync each on CUDA)."""
+    import fastpref.logps_inputs as logps_inputs
+
+    trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path, loss_type="sr_dpo", max_steps=1),
+                                train_dataset=demo_rows("train", 4), processing_class=TOKENIZER)
+    calls = []
+    original = logps_inputs._check_values
+
+    def spy(*args, **kwargs):
+        calls.append(logps_inputs.value_checks_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(logps_inputs, "_check_values", spy)
+    trainer.train()
+    assert calls and not any(calls)
+    assert logps_inputs.value_checks_enabled()

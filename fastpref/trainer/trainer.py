@@ -21,6 +21,7 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, Trainer, set_seed
 
+from ..logps_inputs import skip_value_checks
 from ..losses import bt_tau, odpo_offset, preference_loss
 from ..losses.definitions import LOSS_DEFINITIONS
 from ..model_logps import StreamLogps, stream_logps, unwrap_causal_lm
@@ -120,6 +121,7 @@ class PreferenceTrainer(Trainer):
         if tokenizer.pad_token_id is None:
             raise ValueError("processing_class has no pad token: set tokenizer.pad_token")
         model = resolve_model(model, tokenizer, _init_kwargs(args), args.seed)
+        _check_vocabulary(model, tokenizer)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -238,7 +240,9 @@ class PreferenceTrainer(Trainer):
         kwargs = dict(position_ids=batch.get(f"{prefix}position_ids"),
                       attention_mask=batch.get(f"{prefix}attention_mask"),
                       token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights)
-        with contextlib.nullcontext() if cached is None else frozen_forward(model):
+        # Token ids come from the tokenizer, checked against the vocabulary at construction: no per-call value
+        # checks (each would be a host sync on CUDA).
+        with skip_value_checks(), contextlib.nullcontext() if cached is None else frozen_forward(model):
             if self.stream_layout == "tree":  # the 4D tree mask, built on the device; named errors if unsafe
                 kwargs["attention_mask"], cache = tree_forward_inputs(
                     unwrap_causal_lm(model), tree_from_batch(batch, prefix), prefix=cached)
@@ -420,6 +424,16 @@ def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str
     if layout == "tree":  # the mask of a one-pair tree: raises now if this attention cannot express a tree
         attention_mask_for(causal_lm, build_tree_batch([[0]], [[0]], [[0]]))
     return layout
+
+
+def _check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
+    """Every token id the tokenizer can emit must index the model's output vocabulary (the log-prob op then needs
+    no per-step label check)."""
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # out_features survives ZeRO-3 sharding
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's output vocabulary has {vocab} "
+                         "rows: call model.resize_token_embeddings(len(tokenizer)) first")
 
 
 def _common_prefix_length(sequences: list[list[int]]) -> int:
