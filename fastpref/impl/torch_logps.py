@@ -137,9 +137,7 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, 
         for start in range(0, weight.shape[0], VOCAB_BLOCK):
             end = min(start + VOCAB_BLOCK, weight.shape[0])
             w = weight[start:end].float()
-            raw = h @ w.T
-            if bias is not None:
-                raw = raw + bias[start:end].float()
+            raw = _raw_logits(h, w, None if bias is None else bias[start:end])
             z = _cap_and_temper(raw, temperature, softcap)
             draw = _grad_wrt_z(z, lse[chunk], labels[chunk], start, grad_rows[chunk]) / temperature
             if softcap is not None:
