@@ -20,8 +20,8 @@ from record import plot_results, save_results
 
 from fastpref import PreferenceConfig, PreferenceTrainer
 from fastpref.data import load_preference_dataset
-from fastpref.models import build_model
-from fastpref.tokenizer import build_tokenizer
+from fastpref.data.tiny_models import build_model
+from fastpref.data.tokenizer import build_tokenizer
 
 LAYOUTS = ("padded", "tree", "packed")
 

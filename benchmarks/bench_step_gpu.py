@@ -16,7 +16,7 @@ checkpointing (cached reference); Sr-DPO adds 1F. Below the floor is possible: f
     python benchmarks/bench_step_gpu.py                      # GPU: Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16
     python benchmarks/bench_step_gpu.py --smoke              # CPU: tiny model, every code path, seconds
 
-Random-init models from configs (fastpref.models), token data from random text through the local tokenizer
+Random-init models from configs (fastpref.data.tiny_models), token data from random text through the local tokenizer
 (TRL needs strings). Results go to benchmarks/results/step_gpu.json (step_smoke.json with --smoke) and a PNG.
 TRL is imported in a try/except: a missing TRL is recorded as such, not fatal; so is an out-of-memory.
 """
@@ -38,12 +38,12 @@ import torch.nn.functional as F
 
 from fastpref import preference_loss
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
-from fastpref.model_logps import KeptRows, stream_logps
-from fastpref.models import build_model
-from fastpref.prefix_kv import compute_prefix_kv, frozen_forward
-from fastpref.tokenizer import build_tokenizer
-from fastpref.tree_logps import augmented_tree_logps, tree_logps
-from fastpref.tree_stream import attention_mask_for, build_tree_batch
+from fastpref.model.head import KeptRows, stream_logps
+from fastpref.data.tiny_models import build_model
+from fastpref.model.prefix_kv import compute_prefix_kv, frozen_forward
+from fastpref.data.tokenizer import build_tokenizer
+from fastpref.model.tree_logps import augmented_tree_logps, tree_logps
+from fastpref.model.tree_stream import attention_mask_for, build_tree_batch
 
 BETA, REFINE_LAMBDA, LR = 0.1, 0.5, 1e-6
 METHODS = ("trl_dpo", "trl_dpo_precomputed", "naive_sr_dpo", "fastpref_dpo", "fastpref_sr_dpo",

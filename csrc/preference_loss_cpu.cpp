@@ -2,7 +2,7 @@
 // per-pair losses, their mean, and TRL's detached rewards; one pass backward writes the exact gradients of the
 // four log-prob inputs (chosen, rejected, ref_chosen, ref_rejected) for any upstream gradient on loss and losses.
 //
-// The formulas and their papers are the loss table in fastpref/losses/definitions.py; the codes below are the
+// The formulas and their papers are the loss table in fastpref/losses/table.py; the codes below are the
 // positions of its entries. Inputs arrive in the slot order of fastpref/losses/fused.py (absent = undefined).
 // Notation: r_w = chosen − ref_chosen, r_l = rejected − ref_rejected, s = f(r) the f-divergence score,
 // n the token counts (≥ 1 for length-normalized types), o the offset, Δ the Sr-DPO term (no gradient),

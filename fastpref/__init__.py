@@ -2,15 +2,15 @@
 
 Public ops: :func:`linear_logps`, :func:`logits_logps` (per-sequence log-probs), :func:`preference_loss`
 (the DPO loss family), :func:`backends` (which implementations exist here). Float64 oracles of each op live in
-:mod:`fastpref.reference`. The trainer (:class:`PreferenceConfig`, :class:`PreferenceTrainer`) needs the
+:mod:`fastpref.logps.oracle` and :mod:`fastpref.losses.oracle`. The trainer (:class:`PreferenceConfig`, :class:`PreferenceTrainer`) needs the
 ``train`` extra and is imported on first use.
 """
 
 from __future__ import annotations
 
-from .backends import BackendUnavailableError, backends
-from .logps import LogpsOutput, TokenStats, linear_logps, logits_logps
-from .logps_inputs import skip_value_checks
+from fastpref.backends import BackendUnavailableError, backends
+from fastpref.logps.api import LogpsOutput, TokenStats, linear_logps, logits_logps
+from fastpref.logps.inputs import skip_value_checks
 
 __version__ = "0.1.0"
 

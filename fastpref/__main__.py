@@ -1,5 +1,5 @@
 """``python -m fastpref …`` runs the command line (:mod:`fastpref.cli`)."""
 
-from .cli import main
+from fastpref.cli import main
 
 raise SystemExit(main())

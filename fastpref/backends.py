@@ -9,13 +9,14 @@ for a backend that cannot run raises :class:`BackendUnavailableError` saying why
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
-from . import _ext
+from fastpref import _ext
 
 BACKEND_NAMES = ("triton", "cpp", "torch")
 
@@ -97,3 +98,16 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run here: {reason}")
     return backend
+
+
+_LOADED: dict[tuple[str, str], object] = {}
+
+
+def load_kernels(op: str, backend: str):
+    """The ``KERNELS`` object of backend `backend` for op family `op` ("logps" or "losses"): the module
+    ``fastpref/<op>/<backend>_backend.py`` defines it. Imported on first use, then cached, so torch.compile traces
+    this lookup without a graph break on importlib."""
+    kernels = _LOADED.get((op, backend))
+    if kernels is None:
+        kernels = _LOADED[(op, backend)] = importlib.import_module(f"fastpref.{op}.{backend}_backend").KERNELS
+    return kernels

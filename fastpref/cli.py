@@ -7,7 +7,7 @@
 
 ``train`` and ``precompute-ref`` accept every :class:`fastpref.PreferenceConfig` field (``--loss_type sr_dpo``,
 ``--beta 0.1``, ``--max_steps 100`` …) through ``transformers.HfArgumentParser``; the model is a local directory
-or a built-in name (:data:`fastpref.models.MODEL_NAMES`), the data a JSONL/JSON/parquet file, a saved
+or a built-in name (:data:`fastpref.data.tiny_models.MODEL_NAMES`), the data a JSONL/JSON/parquet file, a saved
 ``datasets`` directory, or ``demo``.
 """
 
@@ -44,7 +44,7 @@ class ScriptArguments:
 def _parse(argv: list[str]):
     from transformers import HfArgumentParser
 
-    from .trainer import PreferenceConfig
+    from fastpref.trainer import PreferenceConfig
 
     parser = HfArgumentParser((ScriptArguments, PreferenceConfig))
     script, config = parser.parse_args_into_dataclasses(args=argv)
@@ -54,8 +54,8 @@ def _parse(argv: list[str]):
 def _build_trainer(script: ScriptArguments, config):
     from transformers import AutoTokenizer
 
-    from .data import load_preference_dataset
-    from .trainer import PreferenceTrainer
+    from fastpref.data import load_preference_dataset
+    from fastpref.trainer import PreferenceTrainer
 
     train = load_preference_dataset(script.dataset, split=script.dataset_split)
     evaluation = None
@@ -95,8 +95,8 @@ def cmd_precompute_ref(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from .demo import run_demo
-    from .models import MODEL_NAMES
+    from fastpref.demo import run_demo
+    from fastpref.data.tiny_models import MODEL_NAMES
 
     parser = argparse.ArgumentParser(prog="fastpref demo", description="Sr-DPO on a tiny model and synthetic "
                                      "preference data, with a fused-head check and DPO timing for comparison.")

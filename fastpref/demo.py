@@ -47,7 +47,7 @@ class StepTimer(TrainerCallback):
 
 
 def _config(loss_type: str, steps: int, batch_size: int, device: str, cache_dir: str, output_dir: str, seed: int):
-    from .trainer import PreferenceConfig
+    from fastpref.trainer import PreferenceConfig
 
     return PreferenceConfig(
         output_dir=output_dir, loss_type=[loss_type], beta=0.1, refine_lambda=0.5, learning_rate=1e-3,
@@ -75,7 +75,7 @@ def run_demo(device: str = "cpu", model_name: str = "tiny-llama", steps: int | N
     started = time.perf_counter()
 
     with contextlib.suppress(ImportError):
-        from .op_demo import compare_logps_head
+        from fastpref.op_demo import compare_logps_head
 
         print(compare_logps_head(device), flush=True)
     threads = torch.get_num_threads()
@@ -90,11 +90,11 @@ def run_demo(device: str = "cpu", model_name: str = "tiny-llama", steps: int | N
 
 def _train_and_report(device: str, model_name: str, steps: int, dpo_steps: int, batch_size: int, seed: int,
                       cache_dir: str, started: float) -> dict[str, float]:
-    from .data import load_preference_dataset
-    from .models import build_model
-    from .tokenizer import build_tokenizer
-    from .trainer import PreferenceTrainer
-    from .trainer.trainer import align_special_tokens
+    from fastpref.data import load_preference_dataset
+    from fastpref.data.tiny_models import build_model
+    from fastpref.data.tokenizer import build_tokenizer
+    from fastpref.trainer import PreferenceTrainer
+    from fastpref.trainer.trainer import align_special_tokens
 
 
     tokenizer = build_tokenizer()

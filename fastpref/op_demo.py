@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from . import reference
-from .backends import resolve_backend
-from .logps import linear_logps
-from .profiling import peak_memory
+from fastpref.logps import oracle as logps_oracle
+from fastpref.backends import resolve_backend
+from fastpref.logps.api import linear_logps
+from fastpref.profiling import peak_memory
 
 
 def _eager_logps(hidden, weight, labels):
@@ -56,7 +56,7 @@ def compare_logps_head(device: str = "cpu", rows: int = 1024, dim: int = 256, vo
     backend = resolve_backend(None, dev)
     eager_t, eager_mem, eager_out = _timed(lambda: _eager_logps(hidden, weight, labels), hidden, weight, dev)
     fused_t, fused_mem, fused_out = _timed(lambda: linear_logps(hidden, weight, labels).logps, hidden, weight, dev)
-    truth = reference.linear_logps(hidden.detach(), weight.detach(), labels).logps
+    truth = logps_oracle.linear_logps(hidden.detach(), weight.detach(), labels).logps
     mib = 2 ** 20
     return "\n".join([
         f"fused log-prob head vs eager full logits ({dev.type}, float32, {batch}x{steps} rows, D={dim}, "

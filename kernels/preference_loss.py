@@ -5,7 +5,7 @@ One program walks the B pairs in blocks of ``BLOCK``. Forward (``BACKWARD=False`
 Σ_k w_k·weights_i·ℓ_k,i, their mean, and TRL's detached rewards β·r_w, β·r_l and margins. Backward
 (``BACKWARD=True``) recomputes the same per-pair terms and writes ∂L/∂chosen, ∂L/∂rejected, ∂L/∂ref_chosen,
 ∂L/∂ref_rejected for the upstream gradient G_i = ∂L/∂loss / B + ∂L/∂losses_i. The loss types of a call are the
-compile-time tuple ``CODES`` (codes = positions in the table of ``fastpref/losses/definitions.py``, whose
+compile-time tuple ``CODES`` (codes = positions in the table of ``fastpref/losses/table.py``, whose
 docstrings give every formula and paper); each expands into its own straight-line code, nothing else is
 compiled in. Batch statistics (sft's token mean) take one extra sweep in the same program; the aot types get
 their batch already sorted (values and each pair's rank) from ``fastpref/losses/fused.py`` and only gather.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Loss codes: positions in fastpref.losses.definitions.LOSS_DEFINITIONS (a test checks they agree).
+# Loss codes: positions in fastpref.losses.table.LOSS_DEFINITIONS (a test checks they agree).
 SIGMOID = tl.constexpr(0)
 HINGE = tl.constexpr(1)
 IPO = tl.constexpr(2)

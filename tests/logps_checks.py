@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import fastpref
-from fastpref import reference
+from fastpref.logps import oracle as logps_oracle
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-9}
 
@@ -31,7 +31,7 @@ def eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token
     z = z.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return reference.logits_logps(z, labels, temperature=temperature, token_weights=token_weights,
+    return logps_oracle.logits_logps(z, labels, temperature=temperature, token_weights=token_weights,
                                   cu_seqlens=cu_seqlens, return_token_logps=True)
 
 

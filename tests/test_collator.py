@@ -1,4 +1,4 @@
-"""fastpref.collator: packed padding-free preference streams (plain and Sr-DPO augmented)."""
+"""fastpref.trainer.packing: packed padding-free preference streams (plain and Sr-DPO augmented)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
-from fastpref import reference
-from fastpref.collator import IGNORE_INDEX, PreferenceCollator, pack_sequences
+from fastpref.logps import oracle as logps_oracle
+from fastpref.logps import IGNORE_INDEX
+from fastpref.trainer.packing import PreferenceCollator, pack_sequences
 from fastpref.data import SR_DPO_REFINEMENT_PROMPT, load_preference_dataset, tokenize_pair
-from fastpref.models import build_model
-from fastpref.tokenizer import build_tokenizer
+from fastpref.data.tiny_models import build_model
+from fastpref.data.tokenizer import build_tokenizer
 
 TINY_MODELS = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma2", "tiny-gpt2"]
 
@@ -113,7 +114,7 @@ def _alone_logps(model, sequence: list[int], prompt_len: int) -> float:
     logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
     labels = torch.tensor(sequence[1:])
     labels[: prompt_len - 1] = IGNORE_INDEX
-    return reference.logits_logps(logits, labels).logps.item()
+    return logps_oracle.logits_logps(logits, labels).logps.item()
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -126,7 +127,7 @@ def test_packed_logps_equal_unpacked(name, tokenizer, demo_features):
         for prefix, prompt_key in (("", "prompt_input_ids"), ("aug_", "aug_prompt_input_ids")):
             logits = model(input_ids=batch[prefix + "input_ids"], position_ids=batch[prefix + "position_ids"],
                            attention_mask=None, use_cache=False).logits[0]
-            packed = reference.logits_logps(logits, batch[prefix + "labels"][0],
+            packed = logps_oracle.logits_logps(logits, batch[prefix + "labels"][0],
                                             cu_seqlens=batch[prefix + "cu_seqlens"])
             alone = []
             for key in ("chosen_input_ids", "rejected_input_ids"):

@@ -17,7 +17,7 @@ import fastpref
 if not fastpref.backends()["cpp"].available:
     pytest.skip(f"cpp backend missing: {fastpref.backends()['cpp'].reason}", allow_module_level=True)
 
-import fastpref.impl.cpp_logps  # noqa: E402,F401  (registers the fake kernels)
+import fastpref.logps.cpp_backend  # noqa: E402,F401  (registers the fake kernels)
 
 OPS = torch.ops.fastpref
 IGNORE = -100
@@ -334,13 +334,15 @@ def test_huge_vocabulary_in_bounded_memory():
 
 
 def test_backend_module_maps_empty_to_none():
-    from fastpref.impl import logps_kernels
+    from fastpref.backends import load_kernels
+    from fastpref.logps.contract import GradsWanted, LinearHead
 
-    kernels = logps_kernels("cpp")
+    kernels = load_kernels("logps", "cpp")
     hidden, weight, bias, labels, grad = _linear_case(7, 8, 30, torch.float32, seed=9)
-    token, lse = kernels.linear_forward(hidden, weight, None, labels, IGNORE, 1.0, None, True)
-    dh, dw, db = kernels.linear_backward(hidden, weight, None, labels, lse, grad, IGNORE, 1.0, None, False, True,
-                                         False)
+    head = LinearHead(hidden, weight, None, labels, IGNORE, 1.0, None)
+    wanted = GradsWanted(hidden=False, weight=True, bias=False)
+    token, (lse,) = kernels.linear_forward(head, wanted)
+    dh, dw, db = kernels.linear_backward(head, (lse,), grad, wanted)
     assert dh is None and db is None and dw.shape == weight.shape
     assert token.shape == (7,) and lse.shape == (7,)
     capped = fastpref.linear_logps(hidden, weight, labels, backend="cpp", softcap=None, return_token_logps=True)

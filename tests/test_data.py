@@ -1,4 +1,4 @@
-"""fastpref.data, fastpref.tokenizer, fastpref.models: the synthetic set, loading, tokenization and
+"""fastpref.data, fastpref.data.tokenizer, fastpref.data.tiny_models: the synthetic set, loading, tokenization and
 truncation, reward-augmented relabeling, self-critique pairs, the tiny models."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from fastpref.data import (
     tokenize_pair,
 )
 from fastpref.data import synthetic
-from fastpref.models import MODEL_NAMES, build_model
-from fastpref.tokenizer import build_tokenizer
+from fastpref.data.tiny_models import MODEL_NAMES, build_model
+from fastpref.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_tokenizer_is_deterministic_and_lossless(tokenizer):
     assert encoded[0] == tokenizer.bos_token_id
     assert tokenizer.decode(encoded, skip_special_tokens=True) == text
     assert [tokenizer.decode([i]) for i in tokenizer("12+345", add_special_tokens=False)["input_ids"]] == list("12+345")
-    code = "from fastpref.tokenizer import build_tokenizer; print(build_tokenizer().backend_tokenizer.to_str())"
+    code = "from fastpref.data.tokenizer import build_tokenizer; print(build_tokenizer().backend_tokenizer.to_str())"
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd="/tmp").stdout.strip()
     assert other == tokenizer.backend_tokenizer.to_str()

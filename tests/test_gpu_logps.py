@@ -16,7 +16,7 @@ from logps_checks import (assert_within_eager, eager_linear_logps, expected_toke
                           upstream_grads)
 
 import fastpref
-from fastpref import reference
+from fastpref.logps import oracle as logps_oracle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -45,7 +45,7 @@ def test_linear_logps_matches_oracle_on_gpu(dtype, rows, dim, vocab, softcap, te
     kwargs = dict(bias=b, softcap=softcap, temperature=temperature, token_weights=weights, cu_seqlens=cu,
                   return_token_logps=True)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, **kwargs)
     eager = eager_linear_logps(hidden, weight, labels, b, softcap, temperature, weights, cu)
     assert torch.equal(out.counts, oracle.counts)
     assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
@@ -71,7 +71,7 @@ def test_many_row_chunks_keep_bf16_weight_gradient_accurate(monkeypatch):
     assert linear_logps_bwd.backward_chunks(4000, 1024, 32003, 2, 128)[0] * 6 < 4000
     kwargs = dict(cu_seqlens=cu, return_token_logps=True)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, **kwargs)
     eager = eager_linear_logps(hidden, weight, labels, None, None, 1.0, None, cu)
     gen = torch.Generator(device="cuda").manual_seed(2)
     g_seq = torch.randn(out.logps.shape, device="cuda", generator=gen, dtype=torch.float64)
@@ -92,8 +92,8 @@ def test_logits_logps_matches_oracle_on_gpu(dtype):
     cu = torch.tensor([0, 100, 100, 400, rows], device="cuda")
     kwargs = dict(temperature=0.9, cu_seqlens=cu, return_token_logps=True)
     out = fastpref.logits_logps(logits, labels, backend="triton", **kwargs)
-    oracle = reference.logits_logps(logits, labels, **kwargs)
-    eager = reference.logits_logps(logits.float(), labels, **kwargs)
+    oracle = logps_oracle.logits_logps(logits, labels, **kwargs)
+    eager = logps_oracle.logits_logps(logits.float(), labels, **kwargs)
     assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq = torch.randn(4, device="cuda", generator=gen, dtype=torch.float64)
     g_tok = torch.randn(rows, device="cuda", generator=gen, dtype=torch.float64)

@@ -14,7 +14,7 @@ from conftest import available_backends
 from logps_checks import assert_within_eager, eager_linear_logps, upstream_grads
 
 import fastpref
-from fastpref import reference
+from fastpref.logps import oracle as logps_oracle
 
 BACKENDS = available_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -67,7 +67,7 @@ def test_linear_logps_matches_oracle(backend, dtype, packed, n_seq, steps, dim, 
     kwargs = dict(bias=bias, softcap=softcap, temperature=temperature, token_weights=token_weights,
                   cu_seqlens=cu)
     out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, backend=backend, **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True, **kwargs)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, return_token_logps=True, **kwargs)
     eager = eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
 
     assert out.logps.dtype == torch.float32 and out.counts.dtype == torch.int64
@@ -108,8 +108,8 @@ def test_logits_logps_matches_oracle(backend, dtype, packed):
     weights = torch.rand(shape, generator=gen) + 0.5
     kwargs = dict(temperature=0.8, token_weights=weights, cu_seqlens=cu, return_token_logps=True)
     out = fastpref.logits_logps(logits, labels, backend=backend, **kwargs)
-    oracle = reference.logits_logps(logits, labels, **kwargs)
-    eager = reference.logits_logps(logits.float(), labels, **kwargs)
+    oracle = logps_oracle.logits_logps(logits, labels, **kwargs)
+    eager = logps_oracle.logits_logps(logits.float(), labels, **kwargs)
     assert torch.equal(out.counts, oracle.counts)
     assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq = torch.randn(out.logps.shape, generator=gen, dtype=torch.float64)
@@ -135,7 +135,7 @@ def test_token_stats_match_oracle(backend, dtype):
     kwargs = dict(softcap=2.0, temperature=0.8)
     assert fastpref.linear_logps(hidden, weight, labels, backend=backend, **kwargs).token_stats is None
     out = fastpref.linear_logps(hidden, weight, labels, return_token_stats=True, backend=backend, **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, return_token_stats=True, **kwargs).token_stats
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, return_token_stats=True, **kwargs).token_stats
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     for name in ("entropy", "log_sum_sq_probs", "mean_logits"):
         got, want = getattr(out.token_stats, name), getattr(oracle, name)

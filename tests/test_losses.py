@@ -18,7 +18,7 @@ import torch
 from conftest import available_backends
 
 import fastpref
-from fastpref import reference
+from fastpref.losses import oracle as loss_oracle
 from fastpref.losses import LOSS_DEFINITIONS, LOSS_TYPES, bt_tau, odpo_offset
 
 BACKENDS = available_backends()
@@ -82,7 +82,7 @@ def _upstream(seed, num_pairs=NUM_PAIRS):
 
 def _assert_close_to_oracle(tensors, kwargs, backend, seed, atol=1e-5):
     upstream = _upstream(seed, tensors["chosen_logps"].shape[0])
-    oracle, oracle_grads = _run(reference.preference_loss, tensors, kwargs, upstream)
+    oracle, oracle_grads = _run(loss_oracle.preference_loss, tensors, kwargs, upstream)
     eager, eager_grads = _run(fastpref.preference_loss, tensors, kwargs, upstream, backend="torch")
     fast, fast_grads = _run(fastpref.preference_loss, tensors, kwargs, upstream, backend=backend)
 
@@ -179,8 +179,8 @@ def test_combinations_with_loss_weights(backend, loss_types, loss_weights):
         own = {k: v for k, v in tensors.items() if LOSS_DEFINITIONS[name].refined or not k.startswith("aug_")}
         if not LOSS_DEFINITIONS[name].refined:
             single.pop("refinement", None)
-        total += weight * reference.preference_loss(**own, loss_type=name, **single).loss
-    want = reference.preference_loss(**tensors, **kwargs).loss
+        total += weight * loss_oracle.preference_loss(**own, loss_type=name, **single).loss
+    want = loss_oracle.preference_loss(**tensors, **kwargs).loss
     torch.testing.assert_close(want, total, rtol=1e-12, atol=1e-12)
 
 
@@ -202,7 +202,7 @@ def test_input_dtypes(backend, dtype):
         pytest.skip("the Triton interpreter computes bf16 wrongly; checked on the GPU")
     tensors, kwargs = _case(["sigmoid", "ipo"], 500, dtype=dtype)
     out, grads = _run(fastpref.preference_loss, tensors, kwargs, _upstream(500), backend=backend)
-    oracle, oracle_grads = _run(reference.preference_loss, tensors, kwargs, _upstream(500))
+    oracle, oracle_grads = _run(loss_oracle.preference_loss, tensors, kwargs, _upstream(500))
     assert out.loss.dtype == torch.float32 and grads["chosen_logps"].dtype == dtype
     torch.testing.assert_close(out.losses.double(), oracle.losses, rtol=1e-5, atol=1e-4)
     for key, grad in grads.items():
@@ -290,11 +290,11 @@ def test_formulas_written_out():
         "sr_ipo": ({"refine_lambda": 0.3, **dict(zip(AUG_KEYS, aug))}, (h - 0.3 * delta - 1 / (2 * beta)) ** 2),
     }
     for name, (extra, want) in expected.items():
-        got = reference.preference_loss(**t, loss_type=name, beta=beta, **extra)
+        got = loss_oracle.preference_loss(**t, loss_type=name, beta=beta, **extra)
         torch.testing.assert_close(got.losses, want, rtol=1e-12, atol=1e-12)
     # simpo ignores the reference log-probs
     no_ref = {k: v for k, v in t.items() if not k.startswith("ref_")}
-    got = reference.preference_loss(**no_ref, loss_type="simpo", label_smoothing=eps, chosen_counts=n_w,
+    got = loss_oracle.preference_loss(**no_ref, loss_type="simpo", label_smoothing=eps, chosen_counts=n_w,
                                     rejected_counts=n_l)
     torch.testing.assert_close(got.losses, expected["simpo"][1], rtol=1e-12, atol=1e-12)
 
@@ -551,6 +551,6 @@ def test_cuda_no_host_sync_and_matches_cpu(monkeypatch):
         out.loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    want = reference.preference_loss(**tensors, **kwargs)
+    want = loss_oracle.preference_loss(**tensors, **kwargs)
     torch.testing.assert_close(out.losses.cpu().double(), want.losses, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(out.loss))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fastpref import preference_loss
-from fastpref.prefix_kv import CheckpointedCacheError, StepPrefixKV, compute_prefix_kv, frozen_forward
-from fastpref.tree_logps import augmented_tree_logps, tree_logps
-from fastpref.tree_stream import build_tree_batch, shared_prefix_length, strip_prefix, tree_batches_from_features
+from fastpref.model.prefix_kv import CheckpointedCacheError, StepPrefixKV, compute_prefix_kv, frozen_forward
+from fastpref.model.tree_logps import augmented_tree_logps, tree_logps
+from fastpref.model.tree_stream import build_tree_batch, shared_prefix_length, strip_prefix, tree_batches_from_features
 from tree_oracle import assert_grads_close, parameter_grads, random_ids, separate_logps, tiny_model
 
 BACKEND = "torch"
@@ -178,7 +178,7 @@ def test_trees_from_tokenized_features_match_separate_sequences():
     """The data helper's tokenize_pair output → plain and augmented trees → log-probs of separate sequences."""
     from fastpref.data import SR_DPO_REFINEMENT_PROMPT, tokenize_pair
     from fastpref.data.synthetic import generate
-    from fastpref.tokenizer import build_tokenizer
+    from fastpref.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer()
     features = [tokenize_pair(example, tokenizer, refinement_prompt=SR_DPO_REFINEMENT_PROMPT)

@@ -1,4 +1,4 @@
-"""fastpref.ref_store: fingerprints and the atomic, corruption-checked reference log-prob cache."""
+"""fastpref.trainer.ref_store: fingerprints and the atomic, corruption-checked reference log-prob cache."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 
 from fastpref.data import SR_DPO_REFINEMENT_PROMPT
 from fastpref.data.synthetic import generate
-from fastpref.models import build_model
-from fastpref.ref_store import (
+from fastpref.data.tiny_models import build_model
+from fastpref.trainer.ref_store import (
     RefLogpsStore,
     StaleReferenceCacheError,
     dataset_fingerprint,
@@ -21,7 +21,7 @@ from fastpref.ref_store import (
     model_fingerprint,
     tokenizer_fingerprint,
 )
-from fastpref.tokenizer import build_tokenizer
+from fastpref.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

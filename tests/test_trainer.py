@@ -9,7 +9,7 @@ import torch
 from trainer_helpers import TOKENIZER, config, demo_rows, oracle_pair_logps, tiny_model
 
 from fastpref import PreferenceTrainer, preference_loss
-from fastpref.model_logps import sequence_logps
+from fastpref.model.head import sequence_logps
 
 
 def _batch(trainer, rows: int = 5):
@@ -23,8 +23,8 @@ def test_stream_logps_match_float64_oracle(model_name, padding_free):
     """The fused head inside the model's forward gives the float64 full-logits log-probs (Gemma-2's softcap and
     GPT-2's tied head included), for the packed and the padded layout, with exact gradients."""
     from fastpref.data import tokenize_pair
-    from fastpref.model_logps import stream_logps
-    from fastpref.trainer.collate import StepCollator, rows_from_batch
+    from fastpref.model.head import stream_logps
+    from fastpref.trainer.collator import StepCollator, rows_from_batch
 
     model = tiny_model(model_name)
     features = [tokenize_pair(row, TOKENIZER) for row in demo_rows("train", 5)]
@@ -45,8 +45,8 @@ def test_stream_logps_match_float64_oracle(model_name, padding_free):
 
 
 def test_sequence_logps_contract_signature():
-    """fastpref.model_logps.sequence_logps on the collator's packed layout equals the oracle."""
-    from fastpref.collator import PreferenceCollator
+    """fastpref.model.head.sequence_logps on the collator's packed layout equals the oracle."""
+    from fastpref.trainer.packing import PreferenceCollator
     from fastpref.data import tokenize_pair
 
     model = tiny_model()
@@ -181,7 +181,7 @@ def test_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
 def test_training_step_reads_no_label_values(tmp_path, monkeypatch):
     """The trainer's own token ids are checked once at construction; its log-prob calls then skip the per-call
     value checks (a host sync each on CUDA)."""
-    import fastpref.logps_inputs as logps_inputs
+    import fastpref.logps.inputs as logps_inputs
 
     trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path, loss_type="sr_dpo", max_steps=1),
                                 train_dataset=demo_rows("train", 4), processing_class=TOKENIZER)

@@ -15,7 +15,7 @@ from trainer_helpers import TOKENIZER, config, demo_rows, tiny_model
 
 from fastpref import PreferenceConfig, PreferenceTrainer
 from fastpref.losses import LOSS_TYPES
-from fastpref.ref_store import StaleReferenceCacheError
+from fastpref.trainer.ref_store import StaleReferenceCacheError
 
 REPO = Path(__file__).resolve().parent.parent
 

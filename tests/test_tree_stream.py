@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastpref.tree_logps import tree_logps
-from fastpref.tree_stream import (CHOSEN, PROMPT, REJECTED, EagerBooleanMaskError, FlashAttentionTreeError,
+from fastpref.model.tree_logps import tree_logps
+from fastpref.model.tree_stream import (CHOSEN, PROMPT, REJECTED, EagerBooleanMaskError, FlashAttentionTreeError,
                                   PackedCacheError, SlidingWindowTreeError, TreeWithoutMaskError,
                                   attention_mask_for, build_tree_batch, check_attention_inputs,
                                   positions_are_packed, positions_are_tree, tree_additive_mask,
@@ -90,8 +90,8 @@ def test_tree_logps_and_grads_equal_separate_sequences(name, lora):
 def test_other_architectures_plain_and_cached_prefix(name):
     """Mistral, GPT-2 (tied head, learned positions) and Gemma-2 (eager attention with softcaps, sliding layers,
     final logit softcap): the tree and the cached-prefix tree reproduce separate sequences."""
-    from fastpref.prefix_kv import compute_prefix_kv
-    from fastpref.tree_logps import augmented_tree_logps
+    from fastpref.model.prefix_kv import compute_prefix_kv
+    from fastpref.model.tree_logps import augmented_tree_logps
 
     model = tiny_model(name)
     g = torch.Generator().manual_seed(12)
@@ -169,7 +169,7 @@ def test_flash_attention_with_a_tree_is_refused():
 
 
 def test_packing_by_position_ids_with_a_cache_is_wrong_and_refused():
-    from fastpref.prefix_kv import compute_prefix_kv
+    from fastpref.model.prefix_kv import compute_prefix_kv
 
     model = tiny_model("tiny-llama")
     g = torch.Generator().manual_seed(10)
@@ -234,8 +234,8 @@ def test_flex_attention_block_mask_forward_matches_sdpa():
 def test_cuda_tree_and_cached_prefix_match_separate_sequences(attn):
     """On CUDA (fp32, TF32 off): the tree (with backward) and the cached-prefix tree through sdpa's boolean mask
     and flex_attention's BlockMask reproduce separate sequences."""
-    from fastpref.prefix_kv import compute_prefix_kv
-    from fastpref.tree_logps import augmented_tree_logps
+    from fastpref.model.prefix_kv import compute_prefix_kv
+    from fastpref.model.tree_logps import augmented_tree_logps
 
     torch.backends.cuda.matmul.allow_tf32 = False
     model = tiny_model("tiny-llama").cuda()

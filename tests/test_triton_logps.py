@@ -22,8 +22,9 @@ from logps_checks import (assert_within_eager, eager_linear_logps, expected_toke
                           upstream_grads)
 
 import fastpref
-from fastpref import reference
-from fastpref.impl import triton_logps
+from fastpref.logps import oracle as logps_oracle
+from fastpref.logps.contract import GradsWanted, LinearHead
+from fastpref.logps.triton_backend import KERNELS as triton_kernels
 
 pytestmark = pytest.mark.skipif(not fastpref.backends()["triton"].available,
                                 reason=f"triton backend: {fastpref.backends()['triton'].reason}")
@@ -79,7 +80,7 @@ def test_linear_forward_backward_match_oracle(dtype, packed, n_seq, steps, dim, 
                   return_token_logps=True)
 
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, **kwargs)
     eager = eager_linear_logps(hidden, weight, labels, bias, softcap, temperature, token_weights, cu)
     assert torch.equal(out.counts, oracle.counts)
     assert torch.all(out.token_logps[labels == -100] == 0)
@@ -117,7 +118,7 @@ def test_chunked_backward_matches_oracle(small_chunks, dtype, dim):
     kwargs = dict(bias=bias, softcap=4.0, cu_seqlens=cu, return_token_logps=True)
     assert linear_logps_bwd.backward_chunks(rows, dim, vocab, 2, 16) == (16, 96)
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", **kwargs)
-    oracle = reference.linear_logps(hidden, weight, labels, **kwargs)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, **kwargs)
     eager = eager_linear_logps(hidden, weight, labels, bias, 4.0, 1.0, None, cu)
     params = [hidden, weight, bias]
     g_seq, g_tok = _upstream(gen, 3, (rows,))
@@ -138,16 +139,16 @@ def test_zero_gradient_rows_cost_nothing_and_change_nothing(small_chunks):
     labels[::5] = -100
     grad_rows = torch.randn(rows, generator=gen)
     grad_rows[(torch.arange(rows) % 3) == 0] = 0.0
-    _, lse = triton_logps.linear_forward(hidden.detach(), weight.detach(), None, labels, -100, 1.0, None, True)
-    dh, dw, _ = triton_logps.linear_backward(hidden.detach(), weight.detach(), None, labels, lse, grad_rows, -100,
-                                             1.0, None, True, True, False)
+    wanted = GradsWanted(hidden=True, weight=True, bias=False)
+    head = LinearHead(hidden.detach(), weight.detach(), None, labels, -100, 1.0, None)
+    _, (lse,) = triton_kernels.linear_forward(head, wanted)
+    dh, dw, _ = triton_kernels.linear_backward(head, (lse,), grad_rows, wanted)
     keep = (grad_rows != 0) & (labels != -100)
     assert torch.all(dh[~keep] == 0)
-    sub_dh, sub_dw, _ = triton_logps.linear_backward(hidden.detach()[keep], weight.detach(), None, labels[keep],
-                                                     lse[keep], grad_rows[keep], -100, 1.0, None, True, True, False)
+    sub_head = LinearHead(hidden.detach()[keep], weight.detach(), None, labels[keep], -100, 1.0, None)
+    sub_dh, sub_dw, _ = triton_kernels.linear_backward(sub_head, (lse[keep],), grad_rows[keep], wanted)
     assert torch.equal(dh[keep], sub_dh) and torch.equal(dw, sub_dw)
-    again = triton_logps.linear_backward(hidden.detach(), weight.detach(), None, labels, lse, grad_rows, -100, 1.0,
-                                         None, True, True, False)
+    again = triton_kernels.linear_backward(head, (lse,), grad_rows, wanted)
     assert torch.equal(again[0], dh) and torch.equal(again[1], dw), "the backward must be deterministic"
 
 
@@ -165,8 +166,9 @@ def test_forward_splits_the_vocabulary_and_forward_only_saves_nothing():
     hidden, weight = torch.randn(16, 12, generator=gen), torch.randn(301, 12, generator=gen)
     labels = torch.randint(0, 301, (16,), generator=gen)
     labels[3] = -100
-    token_logps, lse = triton_logps.linear_forward(hidden, weight, None, labels, -100, 1.0, None, False)
-    assert lse.numel() == 0
+    token_logps, state = triton_kernels.linear_forward(LinearHead(hidden, weight, None, labels, -100, 1.0, None),
+                                                       GradsWanted(False, False, False))
+    assert state == ()
     full = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
     expected = torch.where(labels != -100, full.gather(1, labels.clamp(min=0)[:, None]).squeeze(1), 0.0)
     torch.testing.assert_close(token_logps.double(), expected, rtol=0, atol=2e-5)
@@ -190,8 +192,8 @@ def test_logits_logps_matches_oracle(dtype, packed):
     kwargs = dict(temperature=0.8, token_weights=torch.rand(shape, generator=gen) + 0.5, cu_seqlens=cu,
                   return_token_logps=True)
     out = fastpref.logits_logps(logits, labels, backend="triton", **kwargs)
-    oracle = reference.logits_logps(logits, labels, **kwargs)
-    eager = reference.logits_logps(logits.float(), labels, **kwargs)
+    oracle = logps_oracle.logits_logps(logits, labels, **kwargs)
+    eager = logps_oracle.logits_logps(logits.float(), labels, **kwargs)
     assert torch.equal(out.counts, oracle.counts)
     assert_within_eager("logps", out.logps, eager.logps, oracle.logps, dtype)
     g_seq, g_tok = _upstream(gen, out.logps.numel(), shape)
@@ -212,7 +214,7 @@ def test_custom_ops_pass_opcheck():
     tests = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.fastpref.triton_linear_fwd, (hidden, weight, bias, labels, -100, 0.9, 2.0, True),
                           test_utils=tests)
-    _, lse = triton_logps.linear_forward(hidden, weight, bias, labels, -100, 0.9, 2.0, True)
+    _, lse = torch.ops.fastpref.triton_linear_fwd(hidden, weight, bias, labels, -100, 0.9, 2.0, True)
     torch.library.opcheck(torch.ops.fastpref.triton_linear_bwd,
                           (hidden, weight, bias, labels, lse, torch.randn(6, generator=gen), -100, 0.9, 2.0, True,
                            True, True), test_utils=tests)
@@ -388,7 +390,7 @@ def test_gradient_for_one_input_only(trainable):
     param = hidden if trainable == "hidden" else weight
     g_seq, g_tok = _upstream(gen, 2, (2, 9))
     out = fastpref.linear_logps(hidden, weight, labels, backend="triton", return_token_logps=True)
-    oracle = reference.linear_logps(hidden, weight, labels, return_token_logps=True)
+    oracle = logps_oracle.linear_logps(hidden, weight, labels, return_token_logps=True)
     (fast,) = upstream_grads(out, [param], g_seq, g_tok)
     (want,) = upstream_grads(oracle, [param], g_seq, g_tok)
     torch.testing.assert_close(fast.double(), want.double(), rtol=0, atol=2e-5 * want.abs().max().item())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from fastpref import reference
+from fastpref.logps import oracle as logps_oracle
 from fastpref.data import load_preference_dataset
-from fastpref.models import build_model
-from fastpref.tokenizer import build_tokenizer
+from fastpref.data.tiny_models import build_model
+from fastpref.data.tokenizer import build_tokenizer
 
 TOKENIZER = build_tokenizer()
 
@@ -37,7 +37,7 @@ def oracle_logps(model, prompt: list[int], response: list[int]) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
     labels = ids[0, 1:].clone()
     labels[: len(prompt) - 1] = -100
-    return reference.logits_logps(logits, labels).logps[0]
+    return logps_oracle.logits_logps(logits, labels).logps[0]
 
 
 def oracle_pair_logps(model, features: list[dict], prompt_key: str = "prompt_input_ids"):

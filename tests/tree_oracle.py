@@ -2,15 +2,15 @@
 
 The straightforward computation runs every (prompt, response) as a sequence of its own, with no mask, no
 position_ids, no cache and full logits, and scores the response with the float64 oracle
-:func:`fastpref.reference.logits_logps`; the tree/prefix paths must reproduce it.
+:func:`fastpref.logps_oracle.logits_logps`; the tree/prefix paths must reproduce it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastpref import reference
-from fastpref.models import build_model
+from fastpref.logps import oracle as logps_oracle
+from fastpref.data.tiny_models import build_model
 
 VOCAB = 89  # odd on purpose
 
@@ -38,7 +38,7 @@ def separate_logps(model: torch.nn.Module, prompts: list[list[int]], responses: 
     for x, y in zip(prompts, responses):
         logits = model(input_ids=torch.tensor([x + y])).logits[0]
         rows = logits[len(x) - 1: len(x) + len(y) - 1]
-        out.append(reference.logits_logps(rows, torch.tensor(y)).logps[0])
+        out.append(logps_oracle.logits_logps(rows, torch.tensor(y)).logps[0])
     return torch.stack(out)
 
 

@@ -4,11 +4,11 @@ seed papers — reward-augmented relabeling (arXiv 2410.08067) and self-critique
 
 from __future__ import annotations
 
-from .augment import reward_augment, reward_conditioned_prompt
-from .critique import parse_score, self_critique_pairs
-from .loading import extract_prompt, is_conversational, load_preference_dataset
-from .prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE, REWARD_AUGMENT_TEMPLATE, SR_DPO_REFINEMENT_PROMPT
-from .tokenization import TRUNCATION_MODES, tokenize_pair
+from fastpref.data.augment import reward_augment, reward_conditioned_prompt
+from fastpref.data.critique import parse_score, self_critique_pairs
+from fastpref.data.loading import extract_prompt, is_conversational, load_preference_dataset
+from fastpref.data.prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE, REWARD_AUGMENT_TEMPLATE, SR_DPO_REFINEMENT_PROMPT
+from fastpref.data.tokenization import TRUNCATION_MODES, tokenize_pair
 
 __all__ = [
     "CRITIQUE_TEMPLATE", "REVISE_TEMPLATE", "REWARD_AUGMENT_TEMPLATE", "SR_DPO_REFINEMENT_PROMPT",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .prompts import REWARD_AUGMENT_TEMPLATE
+from fastpref.data.prompts import REWARD_AUGMENT_TEMPLATE
 
 # Columns whose values belong to the original prompt and no longer hold for a relabeled pair.
 _DROPPED = ("offset", "ref_chosen_logps", "ref_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")

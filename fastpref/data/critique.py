@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 
-from .prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE
+from fastpref.data.prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE
 
 # A signed decimal number; ASCII hyphen-minus, the Unicode minus sign and the en dash all count as minus, but
 # not a dash right after a word or number ("3-5" is a range, not 3 and −5).

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .synthetic import DEMO_PATH, DEMO_TRAIN_SIZE
+from fastpref.data.synthetic import DEMO_PATH, DEMO_TRAIN_SIZE
 
 Message = dict[str, str]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .loading import extract_prompt, is_conversational
+from fastpref.data.loading import extract_prompt, is_conversational
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 

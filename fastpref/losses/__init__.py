@@ -1,14 +1,15 @@
 """The DPO family of preference losses as one fused op: :func:`preference_loss`.
 
-definitions.py holds the table (one entry per loss type: formula, paper, what it needs); inputs.py checks
-arguments; torch_path.py evaluates the table with PyTorch ops (the "torch" backend and the float64 oracle);
-fused.py runs the compiled kernels ("cpp": csrc/preference_loss_cpu.cpp, "triton": kernels/preference_loss.py).
+``table`` holds the loss table (one entry per loss type: formula, paper, what it needs); ``inputs`` checks the
+arguments; ``torch_backend`` evaluates the table with PyTorch ops; ``fused`` runs the compiled backends
+(``cpp_backend``: csrc/preference_loss_cpu.cpp, ``triton_backend``: fastpref.kernels.preference_loss); ``oracle`` is
+the float64 ground truth of the tests; ``scores`` turns judge scores into ODPO offsets and rDPO's τ.
 """
 
-from .api import preference_loss
-from .definitions import LOSS_DEFINITIONS, LOSS_TYPES, TRL_LOSS_TYPES
-from .helpers import bt_tau, odpo_offset
-from .output import PreferenceLossOutput
+from fastpref.losses.api import preference_loss
+from fastpref.losses.table import LOSS_DEFINITIONS, LOSS_TYPES, TRL_LOSS_TYPES
+from fastpref.losses.scores import bt_tau, odpo_offset
+from fastpref.losses.output import PreferenceLossOutput
 
 __all__ = [
            "LOSS_DEFINITIONS",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import resolve_backend
-from .fused import run_fused
-from .inputs import check_preference_loss_args
-from .output import PreferenceLossOutput
-from .torch_path import evaluate
+from fastpref.backends import resolve_backend
+from fastpref.losses.fused import run_fused
+from fastpref.losses.inputs import check_preference_loss_args
+from fastpref.losses.output import PreferenceLossOutput
+from fastpref.losses.torch_backend import evaluate
 
 
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
@@ -26,7 +26,7 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
 
     Every per-pair input is [B]; ``ref_*=None`` means reference-free (0). ``loss_type`` is a name of
     :data:`fastpref.losses.LOSS_TYPES` or a list of them combined with ``loss_weights``; the formulas are in
-    :mod:`fastpref.losses.definitions` (and the README). Modifiers: ``offset`` is subtracted inside the logit of
+    :mod:`fastpref.losses.table` (and the README). Modifiers: ``offset`` is subtracted inside the logit of
     sigmoid-family types, ``weights`` scale each pair, ``f_divergence_type`` (reverse_kl, forward_kl, js_divergence,
     alpha_divergence with ``f_alpha_divergence_coef``) transforms the log-ratios as TRL does. sr_dpo/sr_ipo need
     the four ``aug_*`` log-probs (of the responses after the refinement prompt) unless ``refinement="naive"``.

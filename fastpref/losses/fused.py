@@ -11,14 +11,13 @@ kernel as four plain inputs that receive no gradient.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
-from .inputs import PreferenceProblem
-from .output import PreferenceLossOutput
+from fastpref.backends import load_kernels
+from fastpref.losses.inputs import PreferenceProblem
+from fastpref.losses.output import PreferenceLossOutput
 
 SLOTS = (
     "chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_counts", "rejected_counts",
@@ -93,16 +92,25 @@ def fused_problem(problem: PreferenceProblem, presort: bool) -> FusedProblem:
                         naive_refinement=problem.refinement == "naive")
 
 
-def fused_kernels(backend: str) -> ModuleType:
-    """The module with ``forward(FusedProblem)`` and ``backward(FusedProblem, grad_loss, grad_losses)``."""
-    return importlib.import_module(f"{__package__}.{backend}_path")
+class LossKernels:
+    """The interface of a compiled loss backend (``cpp_backend``, ``triton_backend`` define ``KERNELS``)."""
+
+    name: str = ""
+
+    def forward(self, fused: FusedProblem):
+        """(loss, losses, chosen_rewards, rejected_rewards, margins), float32."""
+        raise NotImplementedError
+
+    def backward(self, fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
+        """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected), float32."""
+        raise NotImplementedError
 
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     """loss, losses from the kernels; rewards and margins come out of the same launch, non-differentiable."""
 
     @staticmethod
-    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, fused: FusedProblem, kernels: ModuleType):
+    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, fused: FusedProblem, kernels: LossKernels):
         loss, losses, chosen_rewards, rejected_rewards, margins = kernels.forward(fused)
         ctx.fused, ctx.kernels = fused, kernels
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (chosen, rejected, ref_chosen, ref_rejected))
@@ -129,5 +137,5 @@ def run_fused(problem: PreferenceProblem, backend: str) -> PreferenceLossOutput:
     """Evaluate `problem` with the compiled `backend` ("cpp" or "triton")."""
     outputs = _FusedPreferenceLoss.apply(problem.chosen, problem.rejected, problem.ref_chosen, problem.ref_rejected,
                                          fused_problem(problem, presort=backend == "triton"),
-                                         fused_kernels(backend))
+                                         load_kernels("losses", backend))
     return PreferenceLossOutput(*outputs)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..logps_inputs import value_checks_enabled
-from .definitions import F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition, LossParams
+from fastpref.logps.inputs import value_checks_enabled
+from fastpref.losses.table import F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition, LossParams
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUG_NAMES = ("aug_chosen_logps", "aug_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")

@@ -4,7 +4,7 @@ the Sr-DPO / rDPO / ODPO / SimPO fields and the reference-cache settings.
 Differences from ``DPOConfig`` (documented, deliberate):
 - ``stream_layout`` (not in TRL) picks how a micro-batch reaches the model: ``"padded"`` ([2B, T] rows),
   ``"packed"`` (one stream, position_ids restart per sequence, TRL's ``padding_free``) or ``"tree"`` (one stream,
-  each pair as [x, y_w, y_l] with the prompt once and a 4D mask, :mod:`fastpref.tree_stream`; used by the policy
+  each pair as [x, y_w, y_l] with the prompt once and a 4D mask, :mod:`fastpref.model.tree_stream`; used by the policy
   pass, the Sr-DPO augmented pass after the cached refinement prefix, and the reference precompute). Default
   ``"auto"``: ``"tree"`` with attn_implementation flex_attention on CUDA (its ``BlockMask`` skips masked blocks),
   ``"packed"`` with flash_attention_2/3 (varlen kernels), ``"padded"`` otherwise. With sdpa/eager, transformers
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..data.prompts import SR_DPO_REFINEMENT_PROMPT
+from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
 
 REFINEMENT_MODES = ("prompt", "naive")
 TRUNCATION_MODES = ("keep_start", "keep_end")

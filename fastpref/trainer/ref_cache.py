@@ -1,4 +1,4 @@
-"""Reference log-probs computed once per dataset and cached on disk (:class:`fastpref.ref_store.RefLogpsStore`).
+"""Reference log-probs computed once per dataset and cached on disk (:class:`fastpref.trainer.ref_store.RefLogpsStore`).
 
 One inference pass over the tokenized dataset computes the reference's per-sequence log-probs of every stream
 the loss needs (``ref_chosen_logps``/``ref_rejected_logps`` for the plain pairs, ``aug_ref_…`` for the
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..ref_store import RefLogpsStore, dataset_fingerprint, fingerprint, fingerprint_parts
+from fastpref.trainer.ref_store import RefLogpsStore, dataset_fingerprint, fingerprint, fingerprint_parts
 
 CACHE_FORMAT = "fastpref-ref-logps-v1"
 # The token columns that determine each stream's sequences.

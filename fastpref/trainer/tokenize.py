@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 
-from ..data import tokenize_pair
+from fastpref.data import tokenize_pair
 
 _TEXT_COLUMNS = ("prompt", "chosen", "rejected", "messages")
 _ERROR_COLUMN = "_fastpref_tokenize_error"

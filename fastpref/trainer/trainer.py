@@ -1,11 +1,11 @@
 """``PreferenceTrainer``: a thin ``transformers.Trainer`` for the DPO family on fastpref's fused ops.
 
 One step: the policy's per-sequence log-probs of the batch's chosen and rejected sequences (padded, packed, or
-tree-packed with each prompt once: ``PreferenceConfig.stream_layout``, :mod:`fastpref.trainer.collate`; the fused
-head inside the model's forward, :func:`fastpref.model_logps.stream_logps`);
+tree-packed with each prompt once: ``PreferenceConfig.stream_layout``, :mod:`fastpref.trainer.collator`; the fused
+head inside the model's forward, :func:`fastpref.model.head.stream_logps`);
 for Sr-DPO/Sr-IPO with ``refinement="prompt"`` the same for the refinement-prompt stream under
 ``torch.no_grad()`` (no activations kept), continuing the refinement prompt's keys/values computed once per
-optimizer step (:mod:`fastpref.prefix_kv`); the reference's log-probs from the disk cache (computed once per
+optimizer step (:mod:`fastpref.model.prefix_kv`); the reference's log-probs from the disk cache (computed once per
 dataset, :mod:`fastpref.trainer.ref_cache`) or live (a given ``ref_model``, or the peft model with its adapters
 disabled); then :func:`fastpref.preference_loss`.
 """
@@ -21,19 +21,19 @@ import warnings
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, Trainer, set_seed
 
-from ..logps_inputs import skip_value_checks
-from ..losses import bt_tau, odpo_offset, preference_loss
-from ..losses.definitions import LOSS_DEFINITIONS
-from ..model_logps import StreamLogps, stream_logps, unwrap_causal_lm
-from ..prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
-from ..ref_store import RefLogpsStore, fingerprint, model_fingerprint
-from ..tree_logps import tree_forward_inputs
-from ..tree_stream import UnsafeAttentionError, attention_mask_for, build_tree_batch
-from .collate import StepCollator, rows_from_batch, tree_from_batch
-from .config import PreferenceConfig
-from .metrics import MetricAccumulator, pair_metrics
-from .ref_cache import attach_columns, cache_fingerprint, compute_reference_logps, load_or_compute, ref_columns
-from .tokenize import tokenize_dataset
+from fastpref.logps.inputs import skip_value_checks
+from fastpref.losses import bt_tau, odpo_offset, preference_loss
+from fastpref.losses.table import LOSS_DEFINITIONS
+from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
+from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
+from fastpref.trainer.ref_store import RefLogpsStore, fingerprint, model_fingerprint
+from fastpref.model.tree_logps import tree_forward_inputs
+from fastpref.model.tree_stream import UnsafeAttentionError, attention_mask_for, build_tree_batch
+from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_batch
+from fastpref.trainer.config import PreferenceConfig
+from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
+from fastpref.trainer.ref_cache import attach_columns, cache_fingerprint, compute_reference_logps, load_or_compute, ref_columns
+from fastpref.trainer.tokenize import tokenize_dataset
 
 # Batch columns the trainer reads besides the token streams (kept by Trainer's column filter).
 _PAIR_COLUMNS = ("score_chosen", "score_rejected", "tau", "offset", "ref_chosen_logps", "ref_rejected_logps",
@@ -60,7 +60,7 @@ def resolve_tokenizer(model, processing_class):
     if isinstance(model, str) and os.path.isdir(model):
         with contextlib.suppress(OSError, ValueError):
             return AutoTokenizer.from_pretrained(model)
-    from ..tokenizer import build_tokenizer
+    from fastpref.data.tokenizer import build_tokenizer
 
     return build_tokenizer()
 
@@ -76,10 +76,10 @@ def align_special_tokens(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
 
 
 def resolve_model(model, tokenizer, init_kwargs: dict | None, seed: int) -> PreTrainedModel:
-    """A model object from a model, a built-in name (:data:`fastpref.models.MODEL_NAMES`) or a local path."""
+    """A model object from a model, a built-in name (:data:`fastpref.data.tiny_models.MODEL_NAMES`) or a local path."""
     if not isinstance(model, str):
         return model
-    from ..models import MODEL_NAMES, build_model
+    from fastpref.data.tiny_models import MODEL_NAMES, build_model
 
     if model in MODEL_NAMES:
         set_seed(seed)
@@ -98,7 +98,7 @@ class PreferenceTrainer(Trainer):
         ref_model: an explicit frozen reference (model or path). Default: the initial policy — its log-probs are
             precomputed and cached — or, with ``peft_config`` / a peft model, the same model with adapters disabled.
         args: :class:`PreferenceConfig`.
-        data_collator: default :class:`fastpref.trainer.collate.StepCollator` in ``args.stream_layout``.
+        data_collator: default :class:`fastpref.trainer.collator.StepCollator` in ``args.stream_layout``.
         train_dataset / eval_dataset: TRL formats (``prompt``/``chosen``/``rejected``, standard or conversational),
             optional ``score_chosen``, ``score_rejected``, ``tau``, ``offset``, ``ref_chosen_logps``,
             ``ref_rejected_logps`` columns; or already tokenized (``chosen_input_ids`` …).
@@ -406,8 +406,8 @@ def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str
     """``args.stream_layout`` with "auto" resolved for ``model`` (see :class:`PreferenceConfig`'s module docstring).
 
     "tree" with an attention implementation that cannot express the tree mask raises the tree stream's named
-    error (:class:`fastpref.tree_stream.FlashAttentionTreeError` for flash attention, else
-    :class:`fastpref.tree_stream.UnsafeAttentionError`).
+    error (:class:`fastpref.model.tree_stream.FlashAttentionTreeError` for flash attention, else
+    :class:`fastpref.model.tree_stream.UnsafeAttentionError`).
     """
     causal_lm = unwrap_causal_lm(model)
     attention = getattr(causal_lm.config, "_attn_implementation", None) or ""

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from fastpref.logps.inputs import IGNORE_INDEX
 PAIR_FLOAT_COLUMNS = ("score_chosen", "score_rejected", "tau", "offset", "ref_chosen_logps",
                       "ref_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")
 

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .logps import LogpsOutput, linear_logps
+from fastpref.logps.api import LogpsOutput, linear_logps
 
-IGNORE_INDEX = -100
+from fastpref.logps.inputs import IGNORE_INDEX
 
 # Config attributes by which some architectures rescale logits after lm_head in ways the fused op does not mirror.
 _UNSUPPORTED_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -168,7 +168,7 @@ def stream_logps(model: torch.nn.Module, input_ids: torch.Tensor, rows: KeptRows
     sequences from the restarting position_ids), ``rows.index`` a LongTensor of positions. Padded input:
     ``input_ids``/``attention_mask`` [S, T], ``rows.index`` a bool [S, T] mask. ``token_weights`` [n] weight the
     kept rows (LD-DPO). ``past_key_values``: a cache the stream continues (a cached shared prefix, see
-    :mod:`fastpref.prefix_kv`; pass the matching 4D ``attention_mask``). Returns :class:`StreamLogps`
+    :mod:`fastpref.model.prefix_kv`; pass the matching 4D ``attention_mask``). Returns :class:`StreamLogps`
     (``wpo_log_weights`` when ``wpo_weights``).
     """
     causal_lm = unwrap_causal_lm(model)

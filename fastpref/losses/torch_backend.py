@@ -1,6 +1,6 @@
 """The "torch" backend: the table's formulas evaluated with plain PyTorch ops; autograd gives the gradients.
 
-The float64 oracle (:mod:`fastpref.reference.losses`) runs this same evaluation in float64; the backend runs it
+The float64 oracle (:mod:`fastpref.losses.oracle`) runs this same evaluation in float64; the backend runs it
 in float32. Δ (the Sr-DPO refinement) is detached, so no gradient flows through it.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .definitions import PairTerms, f_divergence_score
-from .inputs import PreferenceProblem
-from .output import PreferenceLossOutput
+from fastpref.losses.table import PairTerms, f_divergence_score
+from fastpref.losses.inputs import PreferenceProblem
+from fastpref.losses.output import PreferenceLossOutput
 
 
 def pair_terms(problem: PreferenceProblem, dtype: torch.dtype) -> PairTerms:

@@ -2,7 +2,7 @@
 
 Each entry is a function ℓ(terms, params) → [B] written with plain torch ops on the per-pair quantities of
 :class:`PairTerms`; its docstring gives the formula and the paper. The float64 oracle
-(:mod:`fastpref.reference.losses`) and the "torch" backend evaluate these functions (autograd gives their
+(:mod:`fastpref.losses.oracle`) and the "torch" backend evaluate these functions (autograd gives their
 gradients); the compiled kernels (``csrc/preference_loss_cpu.cpp``, ``kernels/preference_loss.py``) implement the
 same formulas with hand-written derivatives and select them by :attr:`LossDefinition.code`. The table also
 says what each type needs (inputs, label-smoothing range, whether an offset, per-pair weights or an

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+IGNORE_INDEX = -100  # the label of a row that scores nothing (PyTorch's and TRL's convention)
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -9,8 +9,8 @@ import math
 import torch
 import triton
 
-from ..kernels.preference_loss import preference_loss_kernel
-from .fused import FusedProblem
+from fastpref.kernels.preference_loss import preference_loss_kernel
+from fastpref.losses.fused import FusedProblem, LossKernels
 
 _MAX_BLOCK = 1024
 
@@ -38,7 +38,7 @@ def _launch(fused: FusedProblem, backward: bool, outputs: list[torch.Tensor], gr
     )
 
 
-def forward(fused: FusedProblem):
+def _forward(fused: FusedProblem):
     """(loss, losses, chosen_rewards, rejected_rewards, margins), float32."""
     chosen = fused.slots[0]
     num_pairs = chosen.numel()
@@ -49,9 +49,18 @@ def forward(fused: FusedProblem):
     return loss, losses, chosen_rewards, rejected_rewards, margins
 
 
-def backward(fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
+def _backward(fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
     """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected), float32."""
     chosen = fused.slots[0]
     grads = [torch.empty(chosen.numel(), device=chosen.device, dtype=torch.float32) for _ in range(4)]
     _launch(fused, True, grads, grad_loss=grad_loss, grad_losses=grad_losses)
     return tuple(grads)
+
+
+class TritonLossKernels(LossKernels):
+    name = "triton"
+    forward = staticmethod(_forward)
+    backward = staticmethod(_backward)
+
+
+KERNELS = TritonLossKernels()

@@ -1,18 +1,18 @@
-"""The trainer's collator: D1's packed :class:`fastpref.collator.PreferenceCollator`, plus, per token stream, the
+"""The trainer's collator: D1's packed :class:`fastpref.trainer.packing.PreferenceCollator`, plus, per token stream, the
 completion rows the fused head reads (found here on the CPU so the training step never syncs with the device).
 
 Per stream (``""`` plain, ``"aug_"`` the refinement-prompt stream) the batch holds
 ``{s}input_ids`` and ``{s}position_ids`` [1, L] (packed) or ``{s}input_ids``/``{s}attention_mask`` [2B, T]
 (``padding_free=False``), and ``{s}kept_index``, ``{s}kept_labels``, ``{s}kept_cu_seqlens`` (see
-:class:`fastpref.model_logps.KeptRows`), with ``{s}kept_token_weights`` when LD-DPO's ``ld_alpha`` is set.
+:class:`fastpref.model.head.KeptRows`), with ``{s}kept_token_weights`` when LD-DPO's ``ld_alpha`` is set.
 Per-pair columns (scores, τ, offsets, reference log-probs, ``example_index``) pass through unchanged.
 
 With ``aug_prefix`` (the token ids every augmented prompt starts with: the refinement prompt p, whose keys and
-values the trainer computes once, :mod:`fastpref.prefix_kv`), the augmented stream holds only what follows p:
+values the trainer computes once, :mod:`fastpref.model.prefix_kv`), the augmented stream holds only what follows p:
 padded ``aug_input_ids`` [2B, T], ``aug_position_ids`` = P + t, and ``aug_attention_mask`` [2B, P + T] whose
 first P columns (the cached prefix) are visible to every row.
 
-With ``layout="tree"`` each stream is one tree-packed row (:mod:`fastpref.tree_stream`: every pair as
+With ``layout="tree"`` each stream is one tree-packed row (:mod:`fastpref.model.tree_stream`: every pair as
 [x, y_w, y_l], the prompt once): ``{s}input_ids``/``{s}position_ids`` [1, L], ``{s}tree_pair_ids`` and
 ``{s}tree_role_ids`` [L] (from which the trainer builds the 4D mask on the device), ``{s}tree_position_offset``
 and ``{s}tree_max_position`` (Python ints), and the kept rows (the prompt's last row twice). With ``aug_prefix``
@@ -24,9 +24,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..collator import PreferenceCollator, _token_list
-from ..model_logps import IGNORE_INDEX, KeptRows, kept_rows
-from ..tree_stream import TreeBatch, build_tree_batch
+from fastpref.trainer.packing import PreferenceCollator, _token_list
+from fastpref.logps.inputs import IGNORE_INDEX
+from fastpref.model.head import KeptRows, kept_rows
+from fastpref.model.tree_stream import TreeBatch, build_tree_batch
 
 STREAM_PREFIXES = ("", "aug_")
 STREAM_LAYOUTS = ("padded", "packed", "tree")
@@ -144,7 +145,7 @@ def rows_from_batch(batch: dict, prefix: str = "") -> KeptRows:
 
 
 def tree_from_batch(batch: dict, prefix: str = "") -> TreeBatch:
-    """The :class:`fastpref.tree_stream.TreeBatch` of stream ``prefix`` stored in a collated tree-layout batch."""
+    """The :class:`fastpref.model.tree_stream.TreeBatch` of stream ``prefix`` stored in a collated tree-layout batch."""
     cu_seqlens = batch[f"{prefix}kept_cu_seqlens"]
     return TreeBatch(input_ids=batch[f"{prefix}input_ids"], position_ids=batch[f"{prefix}position_ids"],
                      pair_ids=batch[f"{prefix}tree_pair_ids"], role_ids=batch[f"{prefix}tree_role_ids"],

@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
 
 
 def _training_corpus() -> list[str]:
-    from .data import prompts, synthetic
+    from fastpref.data import prompts, synthetic
 
     rows = synthetic.generate(512, seed=12345)
     texts = [row[key] for row in rows for key in ("prompt", "chosen", "rejected")]

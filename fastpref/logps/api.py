@@ -19,9 +19,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import resolve_backend
-from .impl import logps_kernels, torch_logps
-from .logps_inputs import LogpsProblem, check_linear_logps_args, check_logits_logps_args
+from fastpref.backends import load_kernels, resolve_backend
+from fastpref.logps.contract import GradsWanted, LinearHead, LogitsRows, LogpsKernels
+from fastpref.logps.inputs import LogpsProblem, check_linear_logps_args, check_logits_logps_args
 
 
 class TokenStats(NamedTuple):
@@ -56,56 +56,54 @@ class LogpsOutput(NamedTuple):
 
 
 class _LinearTokenLogps(torch.autograd.Function):
-    """Per-row log p_t from hidden rows and the lm_head weight; backward recomputes the logits tiles."""
+    """Per-row log p_t from hidden rows and the lm_head weight; the backend decides what its backward needs."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, temperature, softcap, kernels, with_stats):
-        needs_grad = any(ctx.needs_input_grad[:3])
-        args = (hidden, weight, bias, labels, ignore_index, temperature, softcap)
-        stats = ()
-        if with_stats and hasattr(kernels, "linear_forward_with_stats"):  # statistics from the same fused pass
-            token_logps, lse, stats = kernels.linear_forward_with_stats(*args)
+    def forward(ctx, hidden, weight, bias, labels, settings: tuple, kernels: LogpsKernels, with_stats: bool):
+        head = LinearHead(hidden, weight, bias, labels, *settings)
+        wanted = GradsWanted(*ctx.needs_input_grad[:2], ctx.needs_input_grad[2] and bias is not None)
+        if with_stats:
+            token_logps, state, stats = kernels.linear_forward_with_stats(head, wanted)
         else:
-            token_logps, lse = kernels.linear_forward(*args, needs_grad)
-            if with_stats:
-                stats = torch_logps.linear_token_stats(*args)
-        if needs_grad:
-            ctx.save_for_backward(hidden, weight, bias, labels, lse)
-            ctx.args = (ignore_index, temperature, softcap, kernels)
-        ctx.mark_non_differentiable(lse, *stats)
-        return (token_logps, lse, *stats)
+            (token_logps, state), stats = kernels.linear_forward(head, wanted), ()
+        if wanted.any:
+            ctx.save_for_backward(hidden, weight, bias, labels, *state)
+            ctx.settings, ctx.kernels, ctx.wanted = settings, kernels, wanted
+        ctx.mark_non_differentiable(*stats)
+        return (token_logps, *stats)
 
     @staticmethod
     def backward(ctx, grad_token_logps, *_grad_no_diff):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        ignore_index, temperature, softcap, kernels = ctx.args
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        dh, dw, db = kernels.linear_backward(hidden, weight, bias, labels, lse,
-                                             grad_token_logps.float().contiguous(), ignore_index, temperature,
-                                             softcap, need_h, need_w, need_b and bias is not None)
-        return dh, dw, db, None, None, None, None, None, None
+        hidden, weight, bias, labels, *state = ctx.saved_tensors
+        head = LinearHead(hidden, weight, bias, labels, *ctx.settings)
+        grad_rows = grad_token_logps.to(_grad_dtype(hidden)).contiguous()
+        dh, dw, db = ctx.kernels.linear_backward(head, tuple(state), grad_rows, ctx.wanted)
+        return dh, dw, db, None, None, None, None
 
 
 class _LogitsTokenLogps(torch.autograd.Function):
     """Per-row log p_t from ready logits, never upcasting the whole logits tensor."""
 
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, temperature, kernels):
-        needs_grad = ctx.needs_input_grad[0]
-        token_logps, lse = kernels.logits_forward(logits, labels, ignore_index, temperature, needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(logits, labels, lse)
-            ctx.args = (ignore_index, temperature, kernels)
-        ctx.mark_non_differentiable(lse)
-        return token_logps, lse
+    def forward(ctx, logits, labels, settings: tuple, kernels: LogpsKernels):
+        need_grad = ctx.needs_input_grad[0]
+        token_logps, state = kernels.logits_forward(LogitsRows(logits, labels, *settings), need_grad)
+        if need_grad:
+            ctx.save_for_backward(logits, labels, *state)
+            ctx.settings, ctx.kernels = settings, kernels
+        return token_logps
 
     @staticmethod
-    def backward(ctx, grad_token_logps, _grad_lse):
-        logits, labels, lse = ctx.saved_tensors
-        ignore_index, temperature, kernels = ctx.args
-        dlogits = kernels.logits_backward(logits, labels, lse, grad_token_logps.float().contiguous(),
-                                          ignore_index, temperature)
-        return dlogits, None, None, None, None
+    def backward(ctx, grad_token_logps):
+        logits, labels, *state = ctx.saved_tensors
+        rows = LogitsRows(logits, labels, *ctx.settings)
+        grad_rows = grad_token_logps.to(_grad_dtype(logits)).contiguous()
+        return ctx.kernels.logits_backward(rows, tuple(state), grad_rows), None, None, None
+
+
+def _grad_dtype(rows: torch.Tensor) -> torch.dtype:
+    """The dtype of the per-row upstream gradient a backend receives (see fastpref.logps.contract)."""
+    return torch.float32
 
 
 def sequence_sums(values: torch.Tensor, problem: LogpsProblem) -> torch.Tensor:
@@ -165,10 +163,10 @@ def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
     """
     problem, weight, bias = check_linear_logps_args(hidden, weight, labels, bias, ignore_index, temperature,
                                                     softcap, token_weights, cu_seqlens)
-    kernels = logps_kernels(resolve_backend(backend, problem.rows.device))
-    token_logps, _, *stats = _LinearTokenLogps.apply(problem.rows, weight, bias, problem.labels,
-                                                     problem.ignore_index, problem.temperature, problem.softcap,
-                                                     kernels, return_token_stats)
+    kernels = load_kernels("logps", resolve_backend(backend, problem.rows.device))
+    settings = (problem.ignore_index, problem.temperature, problem.softcap)
+    token_logps, *stats = _LinearTokenLogps.apply(problem.rows, weight, bias, problem.labels, settings, kernels,
+                                                  return_token_stats)
     return _reduce(problem, token_logps, return_token_logps, tuple(stats))
 
 
@@ -182,7 +180,7 @@ def logits_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: in
     upcast. Differentiable with respect to ``logits``.
     """
     problem = check_logits_logps_args(logits, labels, ignore_index, temperature, token_weights, cu_seqlens)
-    kernels = logps_kernels(resolve_backend(backend, problem.rows.device))
-    token_logps, _ = _LogitsTokenLogps.apply(problem.rows, problem.labels, problem.ignore_index,
-                                             problem.temperature, kernels)
+    kernels = load_kernels("logps", resolve_backend(backend, problem.rows.device))
+    settings = (problem.ignore_index, problem.temperature)
+    token_logps = _LogitsTokenLogps.apply(problem.rows, problem.labels, settings, kernels)
     return _reduce(problem, token_logps, return_token_logps)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from .fused import FusedProblem
+from fastpref import _ext
+from fastpref.losses.fused import FusedProblem, LossKernels
 
 if _ext.extension() is None:  # resolve_backend never picks "cpp" then; importing directly is a usage error
     raise ImportError(f"the cpp backend needs the compiled extension: {_ext.missing_reason()}")
@@ -34,13 +34,22 @@ def _scalars(fused: FusedProblem) -> list[float]:
             fused.alpha, fused.alpha_clamp]
 
 
-def forward(fused: FusedProblem):
+def _forward(fused: FusedProblem):
     """(loss, losses, chosen_rewards, rejected_rewards, margins), float32."""
     return _ops.preference_loss_fwd(fused.slots, list(fused.codes), list(fused.loss_weights), _scalars(fused),
                                     fused.divergence, fused.naive_refinement)
 
 
-def backward(fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
+def _backward(fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
     """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected), float32."""
     return _ops.preference_loss_bwd(fused.slots, list(fused.codes), list(fused.loss_weights), _scalars(fused),
                                     fused.divergence, fused.naive_refinement, grad_loss, grad_losses)
+
+
+class CppLossKernels(LossKernels):
+    name = "cpp"
+    forward = staticmethod(_forward)
+    backward = staticmethod(_backward)
+
+
+KERNELS = CppLossKernels()

@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-PROMPT, CHOSEN, REJECTED = 0, 1, 2  # role ids of a row
+from fastpref.logps.inputs import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+PROMPT, CHOSEN, REJECTED = 0, 1, 2  # role ids of a row
 
 
 class UnsafeAttentionError(ValueError):
@@ -120,7 +120,7 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
     Args:
         prompt_ids, chosen_ids, rejected_ids: per pair the token ids of x, y_w and y_l (non-empty lists).
         position_offset: positions start here (the length of a cached shared prefix, see
-            :mod:`fastpref.prefix_kv`), 0 for a stream of its own.
+            :mod:`fastpref.model.prefix_kv`), 0 for a stream of its own.
     """
     num_pairs = len(prompt_ids)
     if num_pairs == 0:
@@ -203,7 +203,7 @@ def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence
     ``features``: dicts with ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` and, for the
     augmented tree, ``aug_prompt_input_ids`` (the output of :func:`fastpref.data.tokenize_pair`). The augmented
     tree holds each aug prompt without the shared ``prefix_ids`` (whose keys/values are cached, see
-    :mod:`fastpref.prefix_kv`), positions offset by its length. Take ``prefix_ids`` once for the whole dataset,
+    :mod:`fastpref.model.prefix_kv`), positions offset by its length. Take ``prefix_ids`` once for the whole dataset,
     e.g. ``aug[:shared_prefix_length(all aug prompts)]``, so every micro-batch reuses the same cached prefix.
     """
     prompts = [f["prompt_input_ids"] for f in features]

@@ -12,9 +12,10 @@ import contextlib
 import torch
 from torch import Tensor
 
-from ..kernels.linear_logps_bwd import linear_logps_backward
-from ..kernels.linear_logps_fwd import linear_logps_forward
-from ..kernels.logits_logps import logits_logps_backward, logits_logps_forward
+from fastpref.kernels.linear_logps_bwd import linear_logps_backward
+from fastpref.kernels.linear_logps_fwd import linear_logps_forward
+from fastpref.kernels.logits_logps import logits_logps_backward, logits_logps_forward
+from fastpref.logps.contract import GradsWanted, LinearHead, LogitsRows, LogpsKernels, absent_to_none
 
 TOKEN_STATS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -112,33 +113,38 @@ def _(logits, labels, lse, grad_rows, ignore_index, temperature):
     return torch.empty_like(logits)
 
 
-# The four functions of the backend contract (fastpref/impl/__init__.py).
+class TritonKernels(LogpsKernels):
+    """The ``torch.ops.fastpref.triton_*`` ops above. State saved for backward: the row log-sum-exp."""
 
-def linear_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, need_lse):
-    return torch.ops.fastpref.triton_linear_fwd(hidden, weight, bias, labels, ignore_index, temperature, softcap,
-                                                need_lse)
+    name = "triton"
+
+    def linear_forward(self, head: LinearHead, wanted: GradsWanted):
+        token_logps, lse = torch.ops.fastpref.triton_linear_fwd(head.hidden, head.weight, head.bias, head.labels,
+                                                                head.ignore_index, head.temperature, head.softcap,
+                                                                wanted.any)
+        return token_logps, (lse,) if wanted.any else ()
+
+    def linear_forward_with_stats(self, head: LinearHead, wanted: GradsWanted):
+        """Statistics of p = softmax(z_t) from the same fused tiles (see :class:`fastpref.logps.TokenStats`)."""
+        token_logps, lse, *stats = torch.ops.fastpref.triton_linear_stats(head.hidden, head.weight, head.bias,
+                                                                          head.labels, head.ignore_index,
+                                                                          head.temperature, head.softcap)
+        return token_logps, (lse,) if wanted.any else (), tuple(stats)
+
+    def linear_backward(self, head: LinearHead, state, grad_rows, wanted: GradsWanted):
+        grads = torch.ops.fastpref.triton_linear_bwd(head.hidden, head.weight, head.bias, head.labels, state[0],
+                                                     grad_rows, head.ignore_index, head.temperature, head.softcap,
+                                                     *wanted)
+        return tuple(absent_to_none(grad, want) for grad, want in zip(grads, wanted))
+
+    def logits_forward(self, rows: LogitsRows, need_grad: bool):
+        token_logps, lse = torch.ops.fastpref.triton_logits_fwd(rows.logits, rows.labels, rows.ignore_index,
+                                                                rows.temperature, need_grad)
+        return token_logps, (lse,) if need_grad else ()
+
+    def logits_backward(self, rows: LogitsRows, state, grad_rows):
+        return torch.ops.fastpref.triton_logits_bwd(rows.logits, rows.labels, state[0], grad_rows, rows.ignore_index,
+                                                    rows.temperature)
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, temperature, softcap,
-                    need_hidden, need_weight, need_bias):
-    dh, dw, db = torch.ops.fastpref.triton_linear_bwd(hidden, weight, bias, labels, lse, grad_rows, ignore_index,
-                                                      temperature, softcap, need_hidden, need_weight, need_bias)
-    return dh if need_hidden else None, dw if need_weight else None, db if need_bias else None
-
-
-def logits_forward(logits, labels, ignore_index, temperature, need_lse):
-    return torch.ops.fastpref.triton_logits_fwd(logits, labels, ignore_index, temperature, need_lse)
-
-
-def logits_backward(logits, labels, lse, grad_rows, ignore_index, temperature):
-    return torch.ops.fastpref.triton_logits_bwd(logits, labels, lse, grad_rows, ignore_index, temperature)
-
-
-def linear_forward_with_stats(hidden, weight, bias, labels, ignore_index, temperature, softcap):
-    """The forward pass that also yields per-row statistics of p = softmax(z_t), from the same fused tiles:
-    returns (token_logps, lse, (entropy, log_sum_sq_probs, mean_logits, is_top1)); entropy = −Σ p log p,
-    log Σ p², mean logit Σ z / V (float32 [N]), is_top1 (bool [N]: the target is torch.argmax of z, first index on
-    ties); all 0 / False at ignored rows. The statistics carry no gradient."""
-    token_logps, lse, *stats = torch.ops.fastpref.triton_linear_stats(hidden, weight, bias, labels, ignore_index,
-                                                                      temperature, softcap)
-    return token_logps, lse, tuple(stats)
+KERNELS = TritonKernels()

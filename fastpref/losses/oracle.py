@@ -1,4 +1,4 @@
-"""Float64 oracle of :func:`fastpref.preference_loss`: the loss table's formulas (fastpref.losses.definitions)
+"""Float64 oracle of :func:`fastpref.preference_loss`: the loss table's formulas (fastpref.losses.table)
 evaluated with plain PyTorch ops in float64; autograd gives the gradients (Δ detached).
 
 Inputs are upcast to float64 (gradients flow back to the originals); outputs are float64.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..losses.inputs import check_preference_loss_args
-from ..losses.output import PreferenceLossOutput
-from ..losses.torch_path import evaluate
+from fastpref.losses.inputs import check_preference_loss_args
+from fastpref.losses.output import PreferenceLossOutput
+from fastpref.losses.torch_backend import evaluate
 
 
 def preference_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,

@@ -1,6 +1,6 @@
 """Per-sequence chosen/rejected log-probs of a tree-packed stream, optionally after a cached shared prefix.
 
-One forward of the causal LM over the tree stream (:mod:`fastpref.tree_stream`) with its 4D mask and explicit
+One forward of the causal LM over the tree stream (:mod:`fastpref.model.tree_stream`) with its 4D mask and explicit
 position_ids; the model's ``lm_head`` is replaced for the call by :func:`fastpref.linear_logps` over the gathered
 rows ``tree.row_index`` (the prompt's last row twice), so no [rows, vocab] logits exist and no transformer work
 is repeated:
@@ -8,7 +8,7 @@ is repeated:
     chosen_logps[i]   = Σ_j log p(y_w,i[j] | x_i, y_w,i[<j])
     rejected_logps[i] = Σ_j log p(y_l,i[j] | x_i, y_l,i[<j])
 
-With ``prefix`` (a :class:`fastpref.prefix_kv.PrefixKV`), the stream continues that prefix: a fresh cache holds
+With ``prefix`` (a :class:`fastpref.model.prefix_kv.PrefixKV`), the stream continues that prefix: a fresh cache holds
 its keys/values and the mask shows its columns to every row (the augmented Sr-DPO pass, see
 :func:`augmented_tree_logps`).
 """
@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from transformers import DynamicCache
 
-from .model_logps import KeptRows, stream_logps
-from .prefix_kv import PrefixKV, check_cache_forward, frozen_forward
-from .tree_stream import TreeBatch, attention_mask_for, check_attention_inputs
+from fastpref.model.head import KeptRows, stream_logps
+from fastpref.model.prefix_kv import PrefixKV, check_cache_forward, frozen_forward
+from fastpref.model.tree_stream import TreeBatch, attention_mask_for, check_attention_inputs
 
 
 class TreeLogps(NamedTuple):
@@ -65,7 +65,7 @@ def tree_forward_inputs(model: torch.nn.Module, tree: TreeBatch, *, prefix: Pref
                         attention_mask=None) -> tuple[object, DynamicCache | None]:
     """The ``attention_mask`` (the tree mask in the form ``model``'s attention reads) and ``past_key_values`` (a fresh
     cache holding ``prefix``, or None) of a forward over ``tree``, after refusing unsafe combinations by name
-    (:func:`fastpref.tree_stream.check_attention_inputs`; a cached prefix with gradient enabled is a ValueError).
+    (:func:`fastpref.model.tree_stream.check_attention_inputs`; a cached prefix with gradient enabled is a ValueError).
 
     ``model`` is the transformers model itself (or its peft wrapper), whose ``config`` names the attention.
     """

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from fastpref.logps.contract import GradsWanted, LinearHead, LogitsRows, LogpsKernels
+
 ROW_BLOCK = 1024
 VOCAB_BLOCK = 4096
 
@@ -73,19 +75,12 @@ def _forward(rows_tensor, labels, ignore_index, need_lse, tiles_of):
     return token_logps, lse
 
 
-def linear_forward(hidden, weight, bias, labels, ignore_index, temperature, softcap, need_lse):
-    return _forward(hidden, labels, ignore_index, need_lse,
-                    lambda h: _linear_tiles(h, weight, bias, temperature, softcap))
-
-
-def logits_forward(logits, labels, ignore_index, temperature, need_lse):
-    return _forward(logits, labels, ignore_index, need_lse, lambda z: _logits_tiles(z, temperature))
-
-
-def linear_token_stats(hidden, weight, bias, labels, ignore_index, temperature, softcap):
-    """Entropy, log Σp², mean logit and top-1 flag per row of p = softmax(z) (see fastpref.logps.TokenStats),
+def linear_token_stats(head: LinearHead):
+    """Entropy, log Σp², mean logit and top-1 flag per row of p = softmax(z) (see fastpref.logps.api.TokenStats),
     float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles: with m the running
     max, s = Σ e^(z−m), t = Σ e^(z−m)·z and q = Σ e^(2(z−m)): entropy = lse − t/s, log Σp² = log q + 2m − 2·lse."""
+    hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
+    ignore_index, temperature, softcap = head.ignore_index, head.temperature, head.softcap
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     entropy, log_sum_sq, mean_logits = (torch.zeros(n, device=device) for _ in range(3))
@@ -124,13 +119,15 @@ def _grad_wrt_z(z, lse, labels, start, grad):
     return dz
 
 
-def linear_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, temperature, softcap,
-                    need_hidden, need_weight, need_bias):
+def _linear_backward(head: LinearHead, lse, grad_rows, wanted: GradsWanted):
+    hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
+    temperature, softcap = head.temperature, head.softcap
+    need_hidden, need_weight, need_bias = wanted
     device = hidden.device
     dh = torch.zeros(hidden.shape, device=device, dtype=torch.float32) if need_hidden else None
     dw = torch.zeros(weight.shape, device=device, dtype=torch.float32) if need_weight else None
     db = torch.zeros(weight.shape[0], device=device, dtype=torch.float32) if need_bias else None
-    active = ((labels != ignore_index) & (grad_rows != 0)).nonzero().squeeze(1)
+    active = ((labels != head.ignore_index) & (grad_rows != 0)).nonzero().squeeze(1)
     for chunk in active.split(ROW_BLOCK):
         h = hidden[chunk].float()
         chunk_dh = torch.zeros_like(h) if need_hidden else None
@@ -155,7 +152,8 @@ def linear_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, 
             None if db is None else db.to(bias.dtype))
 
 
-def logits_backward(logits, labels, lse, grad_rows, ignore_index, temperature):
+def _logits_backward(rows: LogitsRows, lse, grad_rows):
+    logits, labels, ignore_index, temperature = rows.logits, rows.labels, rows.ignore_index, rows.temperature
     dlogits = torch.zeros_like(logits)
     active = ((labels != ignore_index) & (grad_rows != 0)).nonzero().squeeze(1)
     for chunk in active.split(ROW_BLOCK):
@@ -164,3 +162,29 @@ def logits_backward(logits, labels, lse, grad_rows, ignore_index, temperature):
             dz = _grad_wrt_z(z, lse[chunk], labels[chunk], start, grad_rows[chunk]) / temperature
             dlogits[chunk, start:start + VOCAB_BLOCK] = dz.to(logits.dtype)
     return dlogits
+
+
+class TorchKernels(LogpsKernels):
+    """The portable backend: plain PyTorch tiles (see the module docstring). State saved for backward: the row
+    log-sum-exp."""
+
+    name = "torch"
+
+    def linear_forward(self, head: LinearHead, wanted: GradsWanted):
+        tiles = lambda h: _linear_tiles(h, head.weight, head.bias, head.temperature, head.softcap)  # noqa: E731
+        token_logps, lse = _forward(head.hidden, head.labels, head.ignore_index, wanted.any, tiles)
+        return token_logps, (lse,) if wanted.any else ()
+
+    def linear_backward(self, head: LinearHead, state, grad_rows, wanted: GradsWanted):
+        return _linear_backward(head, state[0], grad_rows, wanted)
+
+    def logits_forward(self, rows: LogitsRows, need_grad: bool):
+        tiles = lambda z: _logits_tiles(z, rows.temperature)  # noqa: E731
+        token_logps, lse = _forward(rows.logits, rows.labels, rows.ignore_index, need_grad, tiles)
+        return token_logps, (lse,) if need_grad else ()
+
+    def logits_backward(self, rows: LogitsRows, state, grad_rows):
+        return _logits_backward(rows, state[0], grad_rows)
+
+
+KERNELS = TorchKernels()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..logps import LogpsOutput, TokenStats
+from fastpref.logps.api import LogpsOutput, TokenStats
 
 
 def _sequence_index(label_shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
