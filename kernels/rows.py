@@ -105,19 +105,21 @@ class KernelTiles:
 
 # H100 starting points, not yet timed (the tile sweep of benchmarks/gpu_check.sh decides). Each is compiled ahead
 # of time for sm_90 by tests/test_triton_logps.py: wgmma, cp.async pipelining, no register spills when D is a
-# multiple of 64. The row kernels of the backward (dlogits, dH) share block_m: the row chunk is a multiple of it.
+# multiple of 64. Wider tiles spill there with one warpgroup pair (forward 128×256: 1.5 KB of stack, dW 128×256:
+# 8 bytes), so the wider shapes wait for the GPU sweep. The row kernels of the backward (dlogits, dH) share
+# block_m: the row chunk is a multiple of it.
 _FP32 = TileConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2)
 _TINY = TileConfig(block_m=16, block_n=32, block_k=16, num_warps=1, num_stages=1, group_m=2)
 TILES = {
-    "forward": KernelTiles(TileConfig(128, 256, 64, num_warps=8, num_stages=3), _FP32, _TINY),
-    # Four more running values per row (token statistics) or the U accumulator (frozen head): half-width tiles.
-    "forward_stats": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32,
+    "forward": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32, _TINY),
+    # Four more running values per row (token statistics) or the U accumulator (frozen head): narrower tiles.
+    "forward_stats": KernelTiles(TileConfig(128, 64, 32, num_warps=8, num_stages=3), _FP32,
                                  TileConfig(16, 16, 16, num_warps=1, num_stages=1, group_m=2)),
-    "forward_unit": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32,
+    "forward_unit": KernelTiles(TileConfig(128, 64, 32, num_warps=8, num_stages=3), _FP32,
                                 TileConfig(16, 16, 16, num_warps=1, num_stages=1, group_m=2)),
     "dlogits": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32, _TINY),
     "hidden_grad": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32, _TINY),
-    "weight_grad": KernelTiles(TileConfig(128, 256, 64, num_warps=8, num_stages=3), _FP32, _TINY),
+    "weight_grad": KernelTiles(TileConfig(128, 128, 64, num_warps=8, num_stages=3), _FP32, _TINY),
 }
 
 

@@ -291,25 +291,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastpref.kernels import linear_logps_bwd as B, linear_logps_fwd as F, logits_logps as L
-from fastpref.kernels.rows import GPU_TILE as T
+from fastpref.kernels.rows import TILES
 
-tile = dict(BLOCK_M=T.block_m, BLOCK_N=T.block_n, BLOCK_K=T.block_k, UPCAST=False, PRECISION="tf32")
-even = dict(EVEN_D=True)
-jobs = [
-    (F.linear_logps_fwd_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_STATS=False, EVEN_K=True, **tile)),
-    (F.linear_logps_fwd_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, WITH_STATS=True, EVEN_K=True,
-                                     **{**tile, "BLOCK_N": T.block_n // 2})),  # as the launcher picks
-    (B.dlogits_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, GROUP_M=8, **even, **tile)),
-    (B.hidden_grad_kernel, dict(FIRST_CHUNK=False, LAST_CHUNK=True, EVEN_K=True, GROUP_M=8, **even, **tile)),
-    (B.weight_grad_kernel, dict(FIRST_CHUNK=False, NEED_WEIGHT=True, NEED_BIAS=True, EVEN_V=True, GROUP_M=8,
-                                **even, **tile)),
-    (L.logits_logps_fwd_kernel, dict(BLOCK_V=4096)),
-    (L.logits_logps_bwd_kernel, dict(BLOCK_V=4096)),
+def tile(kernel):
+    t = TILES[kernel].gpu
+    return dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=False, PRECISION="tf32"), t
+
+fwd = dict(HAS_BIAS=True, HAS_SOFTCAP=True, EVEN_K=True)
+jobs = [  # (label, kernel, constexprs, tile key)
+    ("forward", F.linear_logps_fwd_kernel, dict(WITH_STATS=False, WITH_UNIT=False, **fwd), "forward"),
+    ("forward+stats", F.linear_logps_fwd_kernel, dict(WITH_STATS=True, WITH_UNIT=False, **fwd), "forward_stats"),
+    ("forward+unit", F.linear_logps_fwd_kernel, dict(WITH_STATS=False, WITH_UNIT=True, **fwd), "forward_unit"),
+    ("dlogits", B.dlogits_kernel, dict(HAS_BIAS=True, HAS_SOFTCAP=True, GROUP_M=8, EVEN_D=True), "dlogits"),
+    ("hidden_grad", B.hidden_grad_kernel, dict(FIRST_CHUNK=False, LAST_CHUNK=True, EVEN_K=True, GROUP_M=8,
+                                               EVEN_D=True), "hidden_grad"),
+    ("weight_grad", B.weight_grad_kernel, dict(FIRST_CHUNK=False, NEED_WEIGHT=True, NEED_BIAS=True, EVEN_V=True,
+                                               GROUP_M=8, EVEN_D=True), "weight_grad"),
+    ("logits_fwd", L.logits_logps_fwd_kernel, dict(BLOCK_V=4096), None),
+    ("logits_bwd", L.logits_logps_bwd_kernel, dict(BLOCK_V=4096), None),
 ]
-fp32_ptrs = {"acc_ptr", "db_ptr", "lse_ptr", "grad_ptr", "part_max_ptr", "part_sum_ptr", "part_target_ptr",
-             "token_logps_ptr"}
+fp32_ptrs = {"acc_ptr", "db_ptr", "state_ptr", "grad_ptr", "part_max_ptr", "part_rest_ptr", "part_target_ptr",
+             "part_stats_ptr", "part_unit_ptr", "token_logps_ptr"}
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-for fn, consts in jobs:
+print("triton", triton.__version__)
+for label, fn, consts, key in jobs:
+    launch = dict(num_warps=8, num_stages=3)
+    if key is not None:
+        blocks, t = tile(key)
+        consts = {**consts, **blocks}
+        launch = dict(num_warps=t.num_warps, num_stages=t.num_stages)
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -321,7 +331,7 @@ for fn, consts in jobs:
             sig[name] = "*fp32"
         elif name == "labels_ptr":
             sig[name] = "*i64"
-        elif name in ("order_ptr", "count_ptr"):
+        elif name in ("order_ptr", "count_ptr", "part_argmax_ptr"):
             sig[name] = "*i32"
         elif name.endswith("_ptr"):
             sig[name] = "*bf16"
@@ -329,16 +339,15 @@ for fn, consts in jobs:
             sig[name] = "i32"
         if name.endswith("_ptr") or name.startswith("stride") or name == "D":  # as the JIT specializes them
             attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=T.num_warps, num_stages=T.num_stages))
-    label = fn.__name__ + ("+stats" if consts.get("WITH_STATS") else "")
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=launch)
     with open(label + ".cubin", "wb") as f:
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([cuobjdump, "--dump-resource-usage", label + ".cubin"], capture_output=True,
                            text=True, check=True).stdout
     stack = int(usage.split("STACK:")[1].split()[0])
+    registers = int(usage.split("REG:")[1].split()[0])
     ptx = compiled.asm["ptx"]
-    print(label, "wgmma" in ptx, "cp.async" in ptx, stack)
+    print(label, "wgmma" in ptx, "cp.async" in ptx, stack, registers)
 """
 
 
@@ -356,9 +365,11 @@ def test_kernels_compile_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    found = {name: rest for name, *rest in (line.split() for line in done.stdout.strip().splitlines())}
-    assert len(found) == 7
-    for name, (wgmma, pipelined, stack) in found.items():
+    version, *lines = done.stdout.strip().splitlines()
+    print(version)  # the triton these kernels were compiled with (the GPU image runs 3.6, CPU CI 3.9)
+    found = {name: rest for name, *rest in (line.split() for line in lines)}
+    assert len(found) == 8
+    for name, (wgmma, pipelined, stack, _registers) in found.items():
         assert stack == "0", f"{name} spills registers ({stack} bytes of stack)"
         if not name.startswith("logits_logps"):
             assert wgmma == "True", f"{name} does not use Hopper's wgmma"
