@@ -655,9 +655,9 @@ def test_frozen_head_unit_matches_oracle(dtype, rows, dim, vocab, with_bias, sof
     assert torch.all(fast[labels == -100] == 0)
 
 
-def test_frozen_head_unit_combines_splits_and_saves_no_lse():
-    """The unit path saves G [N, D] (no [2, N] state) and its G rows equal, at float32 precision, the float64
-    ∂ log p_t / ∂h_t · T computed from the full softmax."""
+def test_frozen_head_unit_equals_the_float64_unit():
+    """The unit path saves G [N, D] (before the [2, N] row max / log-sum), whose rows equal, at float32 precision
+    and merged over several vocabulary splits, the float64 T·∂ log p_t / ∂h_t = W[y_t] − Σ_v p_tv·W_v."""
     gen = torch.Generator().manual_seed(35)
     hidden, weight = _dev(torch.randn(18, 20, generator=gen), torch.randn(260, 20, generator=gen) * 0.5)
     labels = torch.randint(0, 260, (18,), generator=gen)
@@ -665,8 +665,8 @@ def test_frozen_head_unit_combines_splits_and_saves_no_lse():
     labels = _dev(labels)
     head = LinearHead(hidden, weight, None, labels, -100, 1.0, None)
     _, state = triton_kernels.linear_forward(head, GradsWanted(True, False, False))
-    (unit,) = state
-    assert unit.shape == hidden.shape
+    unit, row_state = state
+    assert unit.shape == hidden.shape and row_state.shape == (2, 18)
     p = torch.softmax(hidden.double() @ weight.double().T, dim=1)
     want = weight.double()[labels.clamp(min=0)] - p @ weight.double()
     want[labels == -100] = 0

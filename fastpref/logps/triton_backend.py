@@ -130,8 +130,9 @@ def _float64(tensor: Tensor) -> bool:
 
 class TritonKernels(LogpsKernels):
     """The ``torch.ops.fastpref.triton_*`` ops above. State saved for backward: the row max and log-sum as one
-    [2, N] tensor; with a frozen head (only dH wanted) also the hidden-gradient unit G [N, D], and the backward is
-    dH = g·G / T without vocabulary work.
+    [2, N] tensor; with a frozen head (only dH wanted) the hidden-gradient unit G [N, D] before it, and the
+    backward is dH = g·G / T without vocabulary work. The token-statistics forward keeps the recomputing
+    backward (one kernel fewer to tune; statistics are for logging).
 
     float64 problems run the torch backend's tiles (in float64): the Triton kernels accumulate in float32 and
     refuse float64 themselves, so float64 in stays float64 out on this backend too.
@@ -145,9 +146,9 @@ class TritonKernels(LogpsKernels):
         frozen_head = _frozen_head(wanted)
         token_logps, state, unit = torch.ops.fastpref.triton_linear_fwd(
             head.hidden, head.weight, head.bias, head.labels, head.ignore_index, head.temperature, head.softcap,
-            wanted.any and not frozen_head, frozen_head)
-        if frozen_head:
-            return token_logps, (unit,)
+            wanted.any, frozen_head)
+        if frozen_head:  # two tensors saved tell the backward the unit is there
+            return token_logps, (unit, state)
         return token_logps, (state,) if wanted.any else ()
 
     def linear_forward_with_stats(self, head: LinearHead, wanted: GradsWanted):
@@ -162,7 +163,7 @@ class TritonKernels(LogpsKernels):
     def linear_backward(self, head: LinearHead, state, grad_rows, wanted: GradsWanted):
         if _float64(head.hidden):
             return TORCH_KERNELS.linear_backward(head, state, grad_rows, wanted)
-        if _frozen_head(wanted):  # the forward saved the unit G (same `wanted`)
+        if len(state) == 2:  # the forward saved the unit G (and the row max / log-sum)
             return unit_backward(state[0], grad_rows, head.temperature, head.hidden.dtype), None, None
         grads = torch.ops.fastpref.triton_linear_bwd(head.hidden, head.weight, head.bias, head.labels, state[0],
                                                      grad_rows, head.ignore_index, head.temperature, head.softcap,
