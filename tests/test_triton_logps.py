@@ -530,8 +530,9 @@ def test_probabilities_exact_at_large_logits(op):
     error rule against the float64 oracle."""
     gen = torch.Generator().manual_seed(32)
     for vocab in (1, 37):
-        hidden = _dev(torch.randn(9, 16, generator=gen) * 6).requires_grad_()
-        weight = _dev(torch.randn(vocab, 16, generator=gen) * 6 + 30.0).requires_grad_()
+        hidden, weight = torch.randn(9, 16, generator=gen), torch.randn(vocab, 16, generator=gen) * 0.5
+        hidden[:, 0], weight[:, 0] = 10.0, 55.0  # z ≈ 550 ± a few: a spread-out softmax at a large magnitude
+        hidden, weight = _dev(hidden).requires_grad_(), _dev(weight).requires_grad_()
         labels = _dev(torch.randint(0, vocab, (9,), generator=gen))
         g_tok = _dev(torch.randn(9, generator=gen, dtype=torch.float64))
         if op == "linear":
@@ -554,7 +555,9 @@ def test_probabilities_exact_at_large_logits(op):
             continue
         for fast, eg, orc in zip(grads, upstream_grads(eager, params, g_seq, g_tok),
                                  upstream_grads(oracle, params, g_seq, g_tok)):
-            assert_within_eager("grad", fast, eg, orc, torch.float32)
+            # Issue 10's rule: 2 × eager's float32 error + 1e-6 relative (one float32 lse: ~10× eager here).
+            err, err_eager = (fast.double() - orc).abs().max(), (eg.double() - orc).abs().max()
+            assert err <= 2 * err_eager + 1e-6 * orc.abs().max(), f"grad error {err:.3g}, eager {err_eager:.3g}"
 
 
 @triton.jit
