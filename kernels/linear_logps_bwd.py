@@ -10,7 +10,7 @@ they are compacted first (device-side), every other row gets an exact zero and c
 Work goes in chunks of (compacted rows R) × (vocabulary C) through three kernels, all deterministic (no
 atomics: every output element has exactly one writer per launch):
 
-1. `dlogits_kernel` recomputes the logits tile by tile from the saved lse and writes ∂L/∂a for R × C into a
+1. `dlogits_kernel` recomputes the logits tile by tile from the saved row max and log-sum and writes ∂L/∂a for R × C into a
    workspace in the input dtype (as eager PyTorch rounds its logits gradient).
 2. `hidden_grad_kernel` adds workspace · W[C] into a float32 accumulator of R's rows of dH; at the last vocabulary
    chunk it writes dH in the input dtype straight to the rows' original positions.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rows import compact_rows, dot_precision, store_dtype, tile_config, upcast_operands
+from .rows import compact_rows, dot_precision, refuse_float64, store_dtype, tile_config, upcast_operands
 from .tile_math import grouped_tile, raw_logits_tile, transform_logits
 
 WORKSPACE_BYTES = 48 << 20
@@ -37,8 +37,8 @@ VOCAB_CHUNK = 4096
 
 @triton.jit
 def dlogits_kernel(
-    h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, grad_ptr, order_ptr, count_ptr, dz_ptr,
-    row_start, chunk_rows, vocab_start, chunk_cols, D, V, stride_h, stride_w, stride_dz,
+    h_ptr, w_ptr, b_ptr, labels_ptr, state_ptr, grad_ptr, order_ptr, count_ptr, dz_ptr,
+    row_start, chunk_rows, vocab_start, chunk_cols, D, V, stride_h, stride_w, stride_dz, stride_state,
     softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -54,7 +54,8 @@ def dlogits_kernel(
     pos_ok = pos < active
     rows = tl.load(order_ptr + row_start + pos, mask=pos_ok, other=0).to(tl.int64)
     labels = tl.load(labels_ptr + rows, mask=pos_ok, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=pos_ok, other=0.0)
+    row_max = tl.load(state_ptr + rows, mask=pos_ok, other=0.0)
+    log_sum = tl.load(state_ptr + stride_state + rows, mask=pos_ok, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=pos_ok, other=0.0)
     local_cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = vocab_start + local_cols
@@ -64,7 +65,8 @@ def dlogits_kernel(
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_D, UPCAST, PRECISION)
     z, tanh = transform_logits(raw, b_ptr, cols, cols_ok, softcap, inv_temperature, HAS_BIAS, HAS_SOFTCAP)
     onehot = (cols[None, :] == labels[:, None]).to(tl.float32)
-    dz = (onehot - tl.exp(z - lse[:, None])) * (grad * inv_temperature)[:, None]
+    # p = e^{(z − m) − log s}: max and log-sum apart keep p exact to float32 at any logit magnitude.
+    dz = (onehot - tl.exp((z - row_max[:, None]) - log_sum[:, None])) * (grad * inv_temperature)[:, None]
     if HAS_SOFTCAP:
         dz = dz * (1.0 - tanh * tanh)
     # Rows past the count inside this block become exact zeros: the dH kernel reads whole blocks.
@@ -193,13 +195,20 @@ def backward_chunks(rows: int, dim: int, vocab: int, workspace_itemsize: int, bl
     return min(fitting, triton.cdiv(rows, block_m) * block_m), vocab_chunk
 
 
-def linear_logps_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_index, temperature, softcap,
+def unit_backward(unit: torch.Tensor, grad_rows: torch.Tensor, temperature: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """dH = g_t·G_t / T from the forward's hidden-gradient unit G (frozen head): no vocabulary work."""
+    return ((grad_rows / temperature)[:, None] * unit.float()).to(dtype)
+
+
+def linear_logps_backward(hidden, weight, bias, labels, state, grad_rows, ignore_index, temperature, softcap,
                           need_hidden, need_weight, need_bias):
-    """(dH | None, dW | None, dbias | None) in the inputs' dtypes, float32 accumulation."""
+    """(dH | None, dW | None, dbias | None) in the inputs' dtypes, float32 accumulation. `state` [2, N] is the
+    forward's (row max, log-sum)."""
+    refuse_float64("hidden", hidden)
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
-    cfg = tile_config(hidden.dtype)
     out_dtype = store_dtype(hidden.dtype)
     order, count = compact_rows((labels != ignore_index) & (grad_rows != 0))
     dh = torch.zeros(rows, dim, device=device, dtype=out_dtype) if need_hidden else None
@@ -211,50 +220,59 @@ def linear_logps_backward(hidden, weight, bias, labels, lse, grad_rows, ignore_i
         if db is not None:
             db.zero_()
     else:
-        _run_chunks(hidden, weight, bias, labels, lse, grad_rows, order, count, temperature, softcap, cfg,
+        _run_chunks(hidden, weight, bias, labels, state, grad_rows, order, count, temperature, softcap,
                     out_dtype, dh, dw, db)
     return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
 
-def _run_chunks(hidden, weight, bias, labels, lse, grad_rows, order, count, temperature, softcap, cfg, out_dtype,
+def _run_chunks(hidden, weight, bias, labels, state, grad_rows, order, count, temperature, softcap, out_dtype,
                 dh, dw, db):
     rows, dim = hidden.shape
     vocab = weight.shape[0]
-    workspace_dtype = out_dtype
-    row_chunk, vocab_chunk = backward_chunks(rows, dim, vocab, workspace_dtype.itemsize, cfg.block_m)
-    dz = torch.empty(row_chunk, vocab_chunk, device=hidden.device, dtype=workspace_dtype)
+    tiles = {name: tile_config(name, hidden.dtype) for name in ("dlogits", "hidden_grad", "weight_grad")}
+    block_m = tiles["dlogits"].block_m
+    assert tiles["hidden_grad"].block_m == block_m, "the row kernels share the row block"
+    row_chunk, vocab_chunk = backward_chunks(rows, dim, vocab, out_dtype.itemsize, block_m)
+    dz = torch.empty(row_chunk, vocab_chunk, device=hidden.device, dtype=out_dtype)
     acc = torch.empty(row_chunk, dim, device=hidden.device) if dh is not None else None
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                  UPCAST=upcast_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype), **cfg.launch())
-    vocab_starts = range(0, vocab, vocab_chunk)
+    modes = dict(UPCAST=upcast_operands(hidden.dtype), PRECISION=dot_precision(hidden.dtype))
+
+    def blocks(name):
+        cfg = tiles[name]
+        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                    **modes, **cfg.launch())
+
     for row_start in range(0, rows, row_chunk):
         chunk_rows = min(row_chunk, rows - row_start)
-        for vocab_start in vocab_starts:
+        for vocab_start in range(0, vocab, vocab_chunk):
             chunk_cols = min(vocab_chunk, vocab - vocab_start)
+            cfg = tiles["dlogits"]
             grid = (triton.cdiv(chunk_rows, cfg.block_m) * triton.cdiv(chunk_cols, cfg.block_n),)
             dlogits_kernel[grid](
-                hidden, weight, hidden if bias is None else bias, labels, lse, grad_rows, order, count, dz,
+                hidden, weight, hidden if bias is None else bias, labels, state, grad_rows, order, count, dz,
                 row_start, chunk_rows, vocab_start, chunk_cols, dim, vocab, hidden.stride(0), weight.stride(0),
-                dz.stride(0), 1.0 if softcap is None else softcap, 1.0 / temperature,
+                dz.stride(0), state.stride(0), 1.0 if softcap is None else softcap, 1.0 / temperature,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, EVEN_D=dim % cfg.block_k == 0,
-                **common,
+                **blocks("dlogits"),
             )
             if dh is not None:
+                cfg = tiles["hidden_grad"]
                 grid = (triton.cdiv(chunk_rows, cfg.block_m) * triton.cdiv(dim, cfg.block_n),)
                 hidden_grad_kernel[grid](
                     dz, weight, acc, dh, order, count,
                     row_start, chunk_rows, vocab_start, chunk_cols, dim, dz.stride(0), weight.stride(0),
                     acc.stride(0), dh.stride(0),
                     FIRST_CHUNK=vocab_start == 0, LAST_CHUNK=vocab_start + vocab_chunk >= vocab,
-                    EVEN_K=chunk_cols % cfg.block_k == 0, EVEN_D=dim % cfg.block_n == 0, **common,
+                    EVEN_K=chunk_cols % cfg.block_k == 0, EVEN_D=dim % cfg.block_n == 0, **blocks("hidden_grad"),
                 )
             if dw is not None or db is not None:
+                cfg = tiles["weight_grad"]
                 grid = (triton.cdiv(chunk_cols, cfg.block_m) * max(1, triton.cdiv(dim, cfg.block_n)),)
                 weight_grad_kernel[grid](
-                    dz, hidden, hidden if dw is None else dw, lse if db is None else db, order, count,
+                    dz, hidden, hidden if dw is None else dw, grad_rows if db is None else db, order, count,
                     row_start, chunk_rows, vocab_start, chunk_cols, dim, dz.stride(0), hidden.stride(0),
                     dim,
                     FIRST_CHUNK=row_start == 0, NEED_WEIGHT=dw is not None, NEED_BIAS=db is not None,
-                    EVEN_V=chunk_cols % cfg.block_m == 0, EVEN_D=dim % cfg.block_n == 0, **common,
+                    EVEN_V=chunk_cols % cfg.block_m == 0, EVEN_D=dim % cfg.block_n == 0, **blocks("weight_grad"),
                 )

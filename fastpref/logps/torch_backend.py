@@ -77,34 +77,40 @@ def _forward(rows_tensor, labels, ignore_index, need_lse, tiles_of):
 
 def linear_token_stats(head: LinearHead):
     """Entropy, log Σp², mean logit and top-1 flag per row of p = softmax(z) (see fastpref.logps.api.TokenStats),
-    float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles: with m the running
-    max, s = Σ e^(z−m), t = Σ e^(z−m)·z and q = Σ e^(2(z−m)): entropy = lse − t/s, log Σp² = log q + 2m − 2·lse."""
+    float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles.
+
+    Forms that stay accurate as p → one-hot: with m the running max, the rests r = Σ e^{z−m} − 1 and
+    r₂ = Σ e^{2(z−m)} − 1 (every term but one maximal one, which is exactly 1) and A = Σ e^{z−m}·(m − z) ≥ 0,
+    all rescaled as m grows: entropy = A / (1 + r) + log1p(r) (a sum of non-negative terms) and
+    log Σp² = log1p(r₂) − 2·log1p(r)."""
     hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
-    ignore_index, temperature, softcap = head.ignore_index, head.temperature, head.softcap
     n, vocab = hidden.shape[0], weight.shape[0]
     device = hidden.device
     entropy, log_sum_sq, mean_logits = (torch.zeros(n, device=device) for _ in range(3))
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
-    for chunk in _scored_rows(labels, ignore_index).split(ROW_BLOCK):
+    for chunk in _scored_rows(labels, head.ignore_index).split(ROW_BLOCK):
         rows = chunk.numel()
         m = torch.full((rows,), float("-inf"), device=device)
-        s, t, q, total = (torch.zeros(rows, device=device) for _ in range(4))
-        best = torch.full((rows,), float("-inf"), device=device)
+        rest, rest_sq, ent, total = (torch.zeros(rows, device=device) for _ in range(4))
         best_index = torch.zeros(rows, dtype=torch.int64, device=device)
-        for start, z in _linear_tiles(hidden[chunk], weight, bias, temperature, softcap):
+        for start, z in _linear_tiles(hidden[chunk], weight, bias, head.temperature, head.softcap):
             tile_best, tile_index = z.max(dim=1)  # first index of the maximum within the tile
+            grows = tile_best > m  # strict: an earlier tile keeps ties
             new_m = torch.maximum(m, tile_best)
             scale = torch.exp(m - new_m)
+            shift = torch.where(torch.isinf(m), torch.zeros_like(m), new_m - m)
             e = torch.exp(z - new_m[:, None])
-            s, t, q = s * scale + e.sum(1), t * scale + (e * z).sum(1), q * scale ** 2 + (e * e).sum(1)
+            drop = grows[:, None] & (torch.arange(z.shape[1], device=device)[None, :] == tile_index[:, None])
+            kept = torch.where(drop, torch.zeros_like(e), e)
+            ent = scale * (ent + shift * (1.0 + rest)) + (e * (new_m[:, None] - z)).sum(1)
+            rest = torch.where(grows, (1.0 + rest) * scale, rest) + kept.sum(1)
+            rest_sq = torch.where(grows, (1.0 + rest_sq) * scale ** 2, rest_sq) + (kept * kept).sum(1)
             m = new_m
             total += z.sum(1)
-            better = tile_best > best  # strict: an earlier tile keeps ties
-            best = torch.where(better, tile_best, best)
-            best_index = torch.where(better, tile_index + start, best_index)
-        lse = m + torch.log(s)
-        entropy[chunk] = lse - t / s
-        log_sum_sq[chunk] = torch.log(q) + 2 * m - 2 * lse
+            best_index = torch.where(grows, tile_index + start, best_index)
+        log_sum = torch.log1p(rest)
+        entropy[chunk] = ent / (1.0 + rest) + log_sum
+        log_sum_sq[chunk] = torch.log1p(rest_sq) - 2 * log_sum
         mean_logits[chunk] = total / vocab
         is_top1[chunk] = best_index == labels[chunk]
     return entropy, log_sum_sq, mean_logits, is_top1
