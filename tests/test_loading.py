@@ -68,8 +68,8 @@ def test_rows_must_agree_with_the_first_row(tmp_path):
     assert "line 1: 'prompt' is a message list, 'chosen' is a string" in mixed
     # A column the first row lacks would be dropped without a word by datasets.Dataset.from_list.
     plain = {k: GOOD[k] for k in ("prompt", "chosen", "rejected")}
-    assert "line 2: has ['tau'] where" in _error(_jsonl(tmp_path, [plain, {**plain, "tau": 0.5}]))
-    assert "line 2: lacks ['tau'] where" in _error(_jsonl(tmp_path, [{**plain, "tau": 0.5}, plain]))
+    assert "line 2: has columns ['tau'] that " in _error(_jsonl(tmp_path, [plain, {**plain, "tau": 0.5}]))
+    assert "line 2: lacks columns ['tau'] that " in _error(_jsonl(tmp_path, [{**plain, "tau": 0.5}, plain]))
 
 
 def test_rows_that_are_not_preference_examples(tmp_path):

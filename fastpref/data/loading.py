@@ -64,7 +64,7 @@ class PreferenceDataError(ValueError):
 
 
 def _text_kind(value: Any) -> str | None:
-    """"a string", "a message list", or None when the value is neither."""
+    """The format of a text column's value ("a string" or "a message list"), None when it is neither."""
     if isinstance(value, str):
         return "a string"
     if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
@@ -113,8 +113,9 @@ def check_rows(rows: list[Any], places: list[str]) -> None:
         columns = known & set(row)
         if columns != first_columns:
             extra, lacking = sorted(columns - first_columns), sorted(first_columns - columns)
-            differs = f"has {extra}" if extra else f"lacks {lacking}"
-            raise PreferenceDataError(f"{where}: {differs} where {places[0]} does not; give every row the same columns")
+            differs = f"has columns {extra} that {places[0]} lacks" if extra else \
+                f"lacks columns {lacking} that {places[0]} has"
+            raise PreferenceDataError(f"{where}: {differs}; give every row the same columns")
         for key, kind in kinds.items():
             if kind != first[key]:
                 raise PreferenceDataError(f"{where}, column {key!r}: {kind}, but {places[0]} has {first[key]}; "
