@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastpref-installed
-BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+BUILD_INPUTS := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 PYTEST_ARGS ?=
 
 .PHONY: run test bench install clean

@@ -1,15 +1,13 @@
 """Build script for fastpref.
 
-The compiled extension ``fastpref._C`` holds the CPU kernels (always built, OpenMP where the compiler has it)
-and, when torch has CUDA and a toolkit is found, CUDA sources (``csrc/*.cu``). torch is never a build-time
-download: install torch first, then ``pip install --no-build-isolation .`` (or ``-e .``).
+The compiled extension ``fastpref._C`` holds the CPU kernels (``csrc/*.cpp``; OpenMP where the compiler has it).
+torch is never a build-time download (a bare ``torch`` build requirement pulls a multi-GB CUDA wheel): install
+torch first, then ``pip install --no-build-isolation .`` (or ``-e .``) so the build compiles against that torch.
 
 Environment switches (also in the README):
   FASTPREF_NO_EXT=1     pure-Python install: no ``fastpref._C`` (the "cpp" backend reports why it is missing).
-  FASTPREF_SKIP_CUDA=1  build only the CPU sources even where CUDA is available.
-  FASTPREF_FORCE_CUDA=1 build the CUDA sources on a machine without a GPU (needs a toolkit and
-                        TORCH_CUDA_ARCH_LIST, e.g. "9.0").
   MAX_JOBS=N            parallel compile jobs (torch's own switch).
+A switch is on when its value is 1, true, yes or on (any case, surrounding spaces ignored).
 """
 
 from __future__ import annotations
@@ -24,9 +22,17 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+NO_TORCH_MESSAGE = """fastpref: the build cannot import torch ({error}).
+fastpref._C compiles against the torch you run, so torch must be importable by the build. pip's default build
+isolation builds in a fresh environment without your torch (and fastpref does not list torch as a build
+requirement: that would download a multi-GB CUDA wheel). Install torch first, then:
+    pip install --no-build-isolation .        (or -e . for development)
+or build without the compiled kernels: FASTPREF_NO_EXT=1 pip install ."""
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in {"1", "true", "yes", "on"}
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable is 1/true/yes/on (any case, spaces stripped)."""
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _openmp_flags(compiler: str) -> list[str]:
@@ -47,42 +53,32 @@ def _openmp_flags(compiler: str) -> list[str]:
         return ["-fopenmp"] if done.returncode == 0 else []
 
 
+def _import_torch():
+    """torch, or a short exit (no traceback) saying how to build when the build cannot import it."""
+    try:
+        import torch
+    except ImportError as err:
+        raise SystemExit(NO_TORCH_MESSAGE.format(error=err)) from None
+    return torch
+
+
 def _extensions():
-    if _flag("FASTPREF_NO_EXT"):
+    if env_flag("FASTPREF_NO_EXT"):
         print("fastpref: FASTPREF_NO_EXT=1, building no compiled extension", file=sys.stderr)
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-    cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    want_cuda = bool(cuda_sources) and not _flag("FASTPREF_SKIP_CUDA")
-    have_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    use_cuda = want_cuda and (have_cuda and (torch.cuda.is_available() or _flag("FASTPREF_FORCE_CUDA")))
+    torch = _import_torch()
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
     omp = _openmp_flags(os.environ.get("CXX", "c++"))
     torch_version = torch.__version__.split("+")[0]
-    macros = [("FASTPREF_TORCH_VERSION", f'"{torch_version}"')]
-    cxx_flags = ["-O3", *omp]
-    link_flags = list(omp)
-    if use_cuda:
-        macros.append(("FASTPREF_WITH_CUDA", None))
-        ext = CUDAExtension(
-            "fastpref._C",
-            cpu_sources + cuda_sources,
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
-            extra_link_args=link_flags,
-        )
-    else:
-        ext = CppExtension(
-            "fastpref._C",
-            cpu_sources,
-            define_macros=macros,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
-    print(f"fastpref: building fastpref._C (cuda={use_cuda}, openmp={bool(omp)})", file=sys.stderr)
+    ext = CppExtension(
+        "fastpref._C",
+        sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
+        define_macros=[("FASTPREF_TORCH_VERSION", f'"{torch_version}"')],
+        extra_compile_args={"cxx": ["-O3", *omp]},
+        extra_link_args=list(omp),
+    )
+    print(f"fastpref: building fastpref._C (openmp={bool(omp)})", file=sys.stderr)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -4,6 +4,8 @@ Columns: ``chosen`` and ``rejected`` (required), ``prompt`` (explicit prompt; wi
 longest shared start of chosen and rejected — TRL's "implicit prompt"), optional ``score_chosen``,
 ``score_rejected``, ``tau``, ``offset``, ``ref_chosen_logps``, ``ref_rejected_logps``.
 Standard format: the columns are strings. Conversational format: lists of ``{"role", "content"}`` messages.
+Rows are checked before a dataset is built: bad data raises :class:`PreferenceDataError` naming the file, the
+line (JSONL) or row, and the column.
 """
 
 from __future__ import annotations
@@ -52,15 +54,154 @@ def extract_prompt(example: dict[str, Any]) -> dict[str, Any]:
     return {**example, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+NUMBER_COLUMNS = ("score_chosen", "score_rejected", "tau", "offset", "ref_chosen_logps", "ref_rejected_logps")
+TEXT_FORMAT = "a string or a list of {'role', 'content'} messages"
+
+
+class PreferenceDataError(ValueError):
+    """Preference data that cannot be used, located: the file, the line (JSONL) or row, and the column."""
+
+
+def _text_kind(value: Any) -> str | None:
+    """The format of a text column's value ("a string" or "a message list"), None when it is neither."""
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in value):
+        return "a message list"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def check_row(row: Any, where: str) -> dict[str, str]:
+    """Raise :class:`PreferenceDataError` (prefixed by ``where``, e.g. "prefs.jsonl, line 34") unless ``row`` is
+    a preference example; return the format ("a string" / "a message list") of each text column it has."""
+    if not isinstance(row, dict):
+        raise PreferenceDataError(f"{where}: expected an object with 'chosen' and 'rejected', got {_shown(row)}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise PreferenceDataError(f"{where}: no {key!r} column (the row has {sorted(row)})")
+    kinds = {}
+    for key in TEXT_COLUMNS:
+        if key in row:
+            kinds[key] = _text_kind(row[key])
+            if kinds[key] is None:
+                raise PreferenceDataError(f"{where}, column {key!r}: expected {TEXT_FORMAT}, got {_shown(row[key])}")
+    if len(set(kinds.values())) > 1:
+        shown = ", ".join(f"{key!r} is {kind}" for key, kind in kinds.items())
+        raise PreferenceDataError(f"{where}: {shown}; use one format in a row")
+    for key in NUMBER_COLUMNS:
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise PreferenceDataError(f"{where}, column {key!r}: expected a number, got {_shown(value)}")
+    return kinds
+
+
+def check_rows(rows: list[Any], places: list[str]) -> None:
+    """:func:`check_row` on each row, and the same known columns in the same format as the first row (the
+    dataset's columns and types are the first row's)."""
+    first = check_row(rows[0], places[0])
+    known = set(TEXT_COLUMNS + NUMBER_COLUMNS)
+    first_columns = known & set(rows[0])
+    for row, where in zip(rows[1:], places[1:]):
+        kinds = check_row(row, where)
+        columns = known & set(row)
+        if columns != first_columns:
+            extra, lacking = sorted(columns - first_columns), sorted(first_columns - columns)
+            differs = f"has columns {extra} that {places[0]} lacks" if extra else \
+                f"lacks columns {lacking} that {places[0]} has"
+            raise PreferenceDataError(f"{where}: {differs}; give every row the same columns")
+        for key, kind in kinds.items():
+            if kind != first[key]:
+                raise PreferenceDataError(f"{where}, column {key!r}: {kind}, but {places[0]} has {first[key]}; "
+                                          "use one format in a file")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PreferenceDataError(f"{where} column {err.colno}: invalid JSON ({err.msg})") from None
+
+
+def _read_rows(path: Path) -> tuple[list[Any], list[str]]:
+    """The rows of a JSONL / JSON file and where each one is ("FILE, line N" / "FILE, row index I")."""
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        text = f.read()
+    if path.suffix == ".jsonl":
+        numbered = [(n, line) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+        return ([_parse_json(line, f"{path}, line {n}") for n, line in numbered],
+                [f"{path}, line {n}" for n, _ in numbered])
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PreferenceDataError(f"{path}, line {err.lineno} column {err.colno}: invalid JSON ({err.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a JSON preference file must hold a list of rows, got {type(data).__name__}")
-    return data
+        raise PreferenceDataError(f"{path}: a JSON preference file must hold a list of rows, got "
+                                  f"{type(data).__name__}")
+    return data, [f"{path}, row index {i}" for i in range(len(data))]
+
+
+def _rows_dataset(path: Path):
+    """A JSONL / JSON file as a ``datasets.Dataset`` with an explicit prompt, every row checked first."""
+    import datasets
+
+    rows, places = _read_rows(path)
+    if not rows:
+        raise PreferenceDataError(f"{path}: no rows")
+    check_rows(rows, places)
+    if "prompt" not in rows[0]:
+        rows = [_located(extract_prompt, row, where) for row, where in zip(rows, places)]
+    return datasets.Dataset.from_list(rows)
+
+
+def _located(function, row: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return function(row)
+    except ValueError as err:
+        raise PreferenceDataError(f"{where}: {err}") from None
+
+
+def _arrow_text_format(feature: Any) -> bool:
+    """True when a ``datasets`` feature holds strings or lists of {role, content} string messages."""
+    import datasets
+
+    def is_string(f):
+        return isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")
+
+    if is_string(feature):
+        return True
+    inner = getattr(feature, "feature", None)
+    return (isinstance(feature, (datasets.Sequence, datasets.List, datasets.LargeList))
+            and isinstance(inner, dict) and is_string(inner.get("role")) and is_string(inner.get("content")))
+
+
+def check_columns(dataset, source: str) -> None:
+    """Raise :class:`PreferenceDataError` when a parquet / saved dataset's text column holds another type or a
+    null, or a number column holds no numbers."""
+    import datasets
+    import pyarrow.compute as pc
+
+    for key in TEXT_COLUMNS:
+        if key not in dataset.column_names:
+            continue
+        feature = dataset.features[key]
+        if not _arrow_text_format(feature):
+            raise PreferenceDataError(f"{source}, column {key!r}: holds {feature}, expected {TEXT_FORMAT}")
+        column = dataset.data.column(key)
+        if column.null_count:
+            row = pc.index(column.is_null(), True).as_py()
+            raise PreferenceDataError(f"{source}, row index {row}, column {key!r}: expected {TEXT_FORMAT}, got None")
+    for key in NUMBER_COLUMNS:
+        feature = dataset.features.get(key)
+        if feature is not None and not (isinstance(feature, datasets.Value)
+                                        and feature.dtype.startswith(("int", "uint", "float", "null"))):
+            raise PreferenceDataError(f"{source}, column {key!r}: holds {feature}, expected numbers")
 
 
 def load_preference_dataset(path_or_name: str | os.PathLike, *, split: str | None = None):
@@ -96,12 +237,15 @@ def load_preference_dataset(path_or_name: str | os.PathLike, *, split: str | Non
     elif path.suffix == ".parquet":
         dataset = datasets.Dataset.from_parquet(str(path))
     elif path.suffix in (".jsonl", ".json"):
-        dataset = datasets.Dataset.from_list(_read_rows(path))
+        return _rows_dataset(path)
     else:
         raise ValueError(f"path_or_name: unsupported file type {path.suffix!r} (want .jsonl, .json, .parquet)")
     missing = {"chosen", "rejected"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"{path}: preference data needs columns {sorted(missing)}; has {dataset.column_names}")
+        raise PreferenceDataError(f"{path}: preference data needs columns {sorted(missing)}; has "
+                                  f"{dataset.column_names}")
+    check_columns(dataset, str(path))
     if "prompt" not in dataset.column_names:
-        dataset = dataset.map(extract_prompt)
+        dataset = dataset.map(lambda row, index: _located(extract_prompt, row, f"{path}, row index {index}"),
+                              with_indices=True)
     return dataset
