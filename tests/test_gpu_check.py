@@ -15,6 +15,7 @@ import importlib
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -96,6 +97,18 @@ def test_dry_run_records_what_each_part_measured(dry_run):
     tiles = [r for r in _payload(out, "gpu_tiles.json")["records"] if r["status"] == "ok"]
     assert {r["op"] for r in tiles} == {"fwd", "bwd_dW"} and len({r["config"] for r in tiles}) >= 2
     assert all(r["agrees"] for r in tiles)
+
+
+@pytest.mark.slow
+def test_pngs_are_drawn_afterwards_from_the_returned_jsons(dry_run, tmp_path, monkeypatch):
+    out, _ = dry_run
+    for name in OUTPUTS.values():
+        shutil.copy(out / name, tmp_path / name)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    drawn = importlib.import_module("plot_gpu_check").draw(tmp_path)
+    assert {p.name for p in drawn} == {"gpu_linear_logps.png", "gpu_step.png", "gpu_tiles.png"}  # no memory on CPU
+    assert all(p.stat().st_size > 10_000 for p in drawn)
+    assert not list(tmp_path.glob("*_ok.json"))
 
 
 @pytest.mark.slow
