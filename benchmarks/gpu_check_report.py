@@ -155,6 +155,8 @@ def print_figures(prefix: str) -> None:
     tests = [r for r in _read(f"{prefix}tests") if "outcome" in r]
     outcomes = [r["outcome"] for r in tests]
     print("tests: " + ", ".join(f"{outcomes.count(k)} {k}" for k in ("passed", "failed", "error", "skipped")))
+    for r in [r for r in tests if r["outcome"] in ("failed", "error", "no report")][:12]:
+        print(f"  {r['outcome'].upper()} {r['test'][-90:]}: {r['message'][:110]}")
     for r in _read(f"{prefix}probe"):
         shown = {"gemm_ceiling": f"{r.get('tflops', 0):.0f} TFLOP/s", "copy_bandwidth":
                  f"{r.get('gb_per_s', 0):.0f} GB/s"}.get(r["check"], "; ".join(r.get("failures", []))[:100])
