@@ -14,7 +14,14 @@ tokens (every pair as [x;y_w] and [x;y_l]); DPO ≈ 2F with LoRA, 3F full fine-t
 checkpointing (cached reference); Sr-DPO adds 1F. Below the floor is possible: fastpref stores the prompt once.
 
     python benchmarks/bench_step_gpu.py                      # GPU: Qwen2.5-0.5B and Llama-3.2-1B shapes, bf16
+    python benchmarks/bench_step_gpu.py --budget 120         # GPU check: Qwen2.5-0.5B shape, LoRA, 128/256
     python benchmarks/bench_step_gpu.py --smoke              # CPU: tiny model, every code path, seconds
+
+``--budget SECONDS`` is the GPU check's plan: one configuration (Qwen2.5-0.5B shape, LoRA, prompt 128, both
+responses 256), sdpa only (no flex-attention compiles), 3 timed steps after 1 warm-up, the methods of the target
+ratios first (fastpref Sr-DPO, TRL DPO with precomputed reference, fastpref DPO, naive-Δ Sr-DPO, naive Sr-DPO),
+and nothing new started once the budget is spent (those recorded as "skipped: budget"). Results are saved after
+every method, so a time limit keeps what was measured.
 
 Random-init models from configs (fastpref.data.tiny_models), token data from random text through the local tokenizer
 (TRL needs strings). Results go to benchmarks/results/step_gpu.json (step_smoke.json with --smoke) and a PNG.
@@ -32,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +69,10 @@ class Case:
     rejected_len: int
 
 
-CASES = {"short": Case("short", 128, 256, 320), "long": Case("long", 1024, 256, 320)}
+CASES = {"short": Case("short", 128, 256, 320), "long": Case("long", 1024, 256, 320),
+         "p128r256": Case("p128r256", 128, 256, 256)}
+# The GPU check's plan (--budget): the methods of issue 12's ratios first.
+BUDGET_METHODS = ("fastpref_sr_dpo", "trl_dpo_precomputed", "fastpref_dpo", "fastpref_sr_dpo_naive", "naive_sr_dpo")
 SMOKE_CASE = Case("smoke", 12, 9, 11)
 
 
@@ -104,7 +115,8 @@ def refinement_ids(tokenizer) -> list[int]:
 def build_lm(args, vocab_size: int, attn: str = "sdpa"):
     """The random-init model of ``args.model`` (seed 0, so every method starts from the same weights)."""
     torch.manual_seed(0)
-    model = build_model(args.model, vocab_size).to(args.device, args.dtype)
+    with args.device:  # initialized where it runs: a 0.5B-parameter init on the host would cost seconds per model
+        model = build_model(args.model, vocab_size).to(args.device, args.dtype)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
     return model
@@ -423,7 +435,13 @@ def run_method(args, method: str, attn: str, mode: str, pairs: list[Pair], p_ids
     return dict(step_s=step_s, peak_mem_gib=peak, **extra)
 
 
-def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, out_dir: str) -> list[dict]:
+def budget_spent(args) -> bool:
+    return args.budget is not None and time.time() - args.started > args.budget
+
+
+def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, out_dir: str,
+                      save: Callable[[list[dict]], None] = lambda records: None) -> list[dict]:
+    """One record per method (and attention) of this configuration; `save` gets the records after each."""
     pairs = make_pairs(tokenizer, case, args.pairs, seed=1)
     p_ids = refinement_ids(tokenizer)
     tokens = step_tokens(pairs)
@@ -441,6 +459,12 @@ def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, o
         label = method if attn == "sdpa" else f"{method}[{attn.replace('_attention', '')}]"
         record = dict(base, method=label, attn=attn, F_ms=1e3 * f_s, floor_ms=1e3 * floor_s, step_ms=None,
                       tokens_per_s=None, peak_mem_gib=None, step_over_floor=None, status="ok")
+        if budget_spent(args):
+            record["status"] = f"skipped: budget of {args.budget:.0f} s spent"
+            records.append(record)
+            save(records)
+            print(f"{record['config']:<40} {label:<26} {record['status']}", flush=True)
+            continue
         try:
             found = run_method(args, method, attn, mode, pairs, p_ids, tokenizer, vocab_size, out_dir)
             step_s = found.pop("step_s")
@@ -459,6 +483,7 @@ def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, o
             + (f"  peak {record['peak_mem_gib']:.2f} GiB" if record["peak_mem_gib"] is not None else "")
             if record["status"] == "ok" else record["status"]), flush=True)
         records.append(record)
+        save(records)
     return records
 
 
@@ -479,9 +504,20 @@ def parse_args(argv: list[str] | None = None):
                              "CUDA, sdpa with --smoke); the baselines use sdpa")
     parser.add_argument("--backend", default=None, help="fastpref log-prob backend (default: best available)")
     parser.add_argument("--results-name", default=None)
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: the GPU check's plan (one configuration, priority order, stop when spent)")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
     args = parser.parse_args(argv)
+    args.started = time.time()
+    if args.budget is not None:
+        given = set(sys.argv[1:] if argv is None else argv)
+        args.models = args.models if "--models" in given else ["qwen2.5-0.5b-shape"]
+        args.modes = args.modes if "--modes" in given else ["lora"]
+        args.cases = args.cases if "--cases" in given else ["p128r256"]
+        args.methods = args.methods if "--methods" in given else list(BUDGET_METHODS)
+        args.attn = args.attn or ["sdpa"]
     defaults = dict(pairs=4, micro_batch=2, steps=2, warmup=1) if args.smoke else \
-        dict(pairs=8, micro_batch=4, steps=5, warmup=2)
+        dict(pairs=8, micro_batch=4, steps=3 if args.budget is not None else 5, warmup=1 if args.budget is not None else 2)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -505,29 +541,42 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from record import plot_results, save_results
 
     args = parse_args(argv)
+    meta = dict(beta=BETA, refine_lambda=REFINE_LAMBDA, steps=args.steps, warmup=args.warmup, budget_s=args.budget,
+                floor="F = measured no-grad forward over the step's tokens; DPO 2F LoRA / 3F full / 4F full+GC, "
+                      "Sr-DPO +1F")
     threads = torch.get_num_threads()
     if args.smoke:  # smoke timings are not measurements; one thread avoids oversubscribing a shared CPU
         torch.set_num_threads(1)
     try:
-        records = run_all(args)
+        records = run_all(args, lambda done: save_results(args.results_name, done, meta))
     finally:
         torch.set_num_threads(threads)
-    meta = dict(beta=BETA, refine_lambda=REFINE_LAMBDA, steps=args.steps, warmup=args.warmup,
-                floor="F = measured no-grad forward over the step's tokens; DPO 2F LoRA / 3F full / 4F full+GC, "
-                      "Sr-DPO +1F")
+    add_ratios(records)
     path = save_results(args.results_name, records, meta)
-    plot_results(path, x="method", y="step_ms", group="mode", facet="config")
+    if not args.no_plot:
+        plot_results(path, x="method", y="step_ms", group="mode", facet="config")
     return path
 
 
-def run_all(args) -> list[dict]:
+def add_ratios(records: list[dict]) -> None:
+    """step_ms over the same configuration's TRL DPO (precomputed reference, else online) and fastpref DPO."""
+    for record in records:
+        same = {r["method"]: r["step_ms"] for r in records if r["config"] == record["config"] and r["step_ms"]}
+        trl = same.get("trl_dpo_precomputed") or same.get("trl_dpo")
+        for key, base in (("over_trl_dpo", trl), ("over_fastpref_dpo", same.get("fastpref_dpo"))):
+            record[key] = record["step_ms"] / base if record["step_ms"] and base else None
+
+
+def run_all(args, save: Callable[[list[dict]], None] = lambda records: None) -> list[dict]:
+    """Every configuration's records; `save` gets all records so far after each method."""
     import tempfile
 
     tokenizer = build_tokenizer()
-    records = []
+    records: list[dict] = []
     with tempfile.TemporaryDirectory() as out_dir:
         for model in args.models:
             args.model = model
@@ -535,8 +584,9 @@ def run_all(args) -> list[dict]:
             for mode in args.modes:
                 for case_name in args.cases:
                     case = SMOKE_CASE if args.smoke else CASES[case_name]
+                    done = list(records)
                     records += run_configuration(args, mode, case, tokenizer, vocab_size or _model_vocab(model),
-                                                 out_dir)
+                                                 out_dir, lambda new: save(done + new))
     return records
 
 

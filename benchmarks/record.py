@@ -6,6 +6,8 @@ and date) under ``benchmarks/results/``, and a PNG chart drawn from it.
 
 Benchmark scripts run as ``python benchmarks/<script>.py`` (or under pytest from the repo root) and import this
 module as ``from record import save_results, plot_results`` (their own folder is on sys.path either way).
+``FASTPREF_RESULTS_DIR`` moves the output folder (benchmarks/gpu_check.sh points it at the device tool's
+``$OUT``); ``GIT_SHA`` names the commit where the tree has no git (the device machine).
 """
 
 from __future__ import annotations
@@ -19,10 +21,20 @@ import subprocess
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-_LIBRARIES = ("torch", "triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "fastpref")
+_LIBRARIES = ("torch", "triton", "transformers", "peft", "accelerate", "datasets", "trl", "liger-kernel",
+              "cut-cross-entropy", "fastpref")
 
 
-def _git_sha() -> str:
+def results_dir() -> Path:
+    """Where results go: ``$FASTPREF_RESULTS_DIR`` when set, else ``benchmarks/results/``."""
+    chosen = os.environ.get("FASTPREF_RESULTS_DIR")
+    return Path(chosen) if chosen else RESULTS_DIR
+
+
+def git_sha() -> str:
+    """HEAD's sha (+ "-dirty" when tracked files changed); ``$GIT_SHA`` where there is no git repository."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -33,7 +45,8 @@ def _git_sha() -> str:
         return os.environ.get("GIT_SHA", "unknown")
 
 
-def _versions() -> dict[str, str | None]:
+def versions() -> dict[str, str | None]:
+    """Installed versions of the libraries the benchmarks compare (None when not installed)."""
     found = {}
     for name in _LIBRARIES:
         try:
@@ -63,20 +76,21 @@ def machine() -> dict:
 
 
 def save_results(name: str, records: list[dict], meta: dict | None = None) -> Path:
-    """Write ``benchmarks/results/<name>.json`` holding `records` plus machine, versions, git sha and date."""
+    """Write ``<results dir>/<name>.json`` holding `records` plus machine, versions, git sha and date."""
     if not records:
         raise ValueError("records is empty: a benchmark with no measurement is not saved")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "machine": machine(),
-        "versions": _versions(),
+        "versions": versions(),
         "meta": meta or {},
         "records": records,
     }
-    path = RESULTS_DIR / f"{name}.json"
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)

@@ -5,6 +5,11 @@ compiled ``fastpref._C`` CPU kernels) on CPU tensors, "torch" (pure PyTorch) oth
 variable ``FASTPREF_BACKEND`` replaces that default; an explicit ``backend=`` argument wins over both. Asking
 for a backend that cannot run raises :class:`BackendUnavailableError` saying why. Under
 ``TRITON_INTERPRET=1`` the "triton" backend runs on CPU tensors (the tests use this).
+
+:func:`resolve_backend` runs inside every op, also while ``torch.compile(fullgraph=True)`` traces a step: it only
+reads what the compiler can fold (the triton status cached per process at first use, ``TRITON_INTERPRET``, the
+loaded extension) and never asks the driver for the device name; :func:`backends` is the full report, with the
+device name.
 """
 
 from __future__ import annotations
@@ -41,13 +46,26 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_status() -> BackendStatus:
+def _triton_missing() -> str | None:
+    """Why the triton backend cannot run in this process, or None when it can; no device name is read."""
     if importlib.util.find_spec("triton") is None:
-        return BackendStatus(False, "the triton package is not installed (pip install triton)")
+        return "the triton package is not installed (pip install triton)"
+    if triton_interpreted() or torch.cuda.is_available():
+        return None
+    return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)"
+
+
+# The triton status per TRITON_INTERPRET setting, taken at first use: whether triton imports and CUDA exists do
+# not change within a process, and a dict read is all torch.compile sees on later calls.
+_TRITON_MISSING: dict[bool, str | None] = {}
+
+
+def _triton_status() -> BackendStatus:
+    missing = _triton_missing()
+    if missing is not None:
+        return BackendStatus(False, missing)
     if triton_interpreted():
         return BackendStatus(True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors")
-    if not torch.cuda.is_available():
-        return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
     return BackendStatus(True, f"CUDA device {torch.cuda.get_device_name()}")
 
 
@@ -67,6 +85,20 @@ def backends() -> dict[str, BackendStatus]:
     }
 
 
+def missing_reason(name: str) -> str | None:
+    """Why backend `name` cannot run in this process (None when it can): what :func:`resolve_backend` reads on
+    every op call. Traceable by torch.compile: the cached triton status, the ``TRITON_INTERPRET`` flag and the
+    loaded extension; unlike :func:`backends`, never the device name."""
+    if name == "triton":
+        interpreted = triton_interpreted()
+        if interpreted not in _TRITON_MISSING:
+            _TRITON_MISSING[interpreted] = _triton_missing()
+        return _TRITON_MISSING[interpreted]
+    if name == "cpp" and _ext.extension() is None:
+        return _ext.missing_reason() or "fastpref._C is not loaded"
+    return None
+
+
 def _device_ok(name: str, device: torch.device) -> str | None:
     """None when backend `name` can run tensors on `device`, else the reason it cannot."""
     if name == "cpp" and device.type != "cpu":
@@ -84,16 +116,16 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend is None:
         backend = os.environ.get("FASTPREF_BACKEND") or None
         if backend is None:
-            if device.type == "cuda" and backends()["triton"].available:
+            if device.type == "cuda" and missing_reason("triton") is None:
                 return "triton"
-            if device.type == "cpu" and _ext.extension() is not None:
+            if device.type == "cpu" and missing_reason("cpp") is None:
                 return "cpp"
             return "torch"
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES} or None, got {backend!r}")
-    status = backends()[backend]
-    if not status.available:
-        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {status.reason}")
+    missing = missing_reason(backend)
+    if missing is not None:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {missing}")
     reason = _device_ok(backend, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} cannot run here: {reason}")

@@ -17,6 +17,7 @@ def bench(monkeypatch, tmp_path):
     import record
 
     monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)  # keep the committed results untouched
+    monkeypatch.delenv("FASTPREF_RESULTS_DIR", raising=False)
     return bench_step_gpu
 
 
@@ -43,3 +44,26 @@ def test_smoke_trl_paths(bench):
     pytest.importorskip("trl")
     records = _run(bench, ["trl_dpo", "trl_dpo_precomputed"], ["lora"])
     assert all(r["status"] == "ok" and r["step_ms"] > 0 for r in records)
+
+
+def test_budget_plan_puts_the_target_ratios_first_and_stops_when_spent(bench):
+    args = bench.parse_args(["--smoke", "--budget", "60"])
+    assert args.methods == list(bench.BUDGET_METHODS) and args.attn == ["sdpa"]
+    assert args.methods[:2] == ["fastpref_sr_dpo", "trl_dpo_precomputed"]  # issue 12's ratio: Sr-DPO / TRL DPO
+    assert bench.CASES["p128r256"] == bench.Case("p128r256", 128, 256, 256)
+    path = bench.main(["--smoke", "--budget", "-1", "--no-plot", "--modes", "lora", "--methods", "fastpref_dpo",
+                       "fastpref_sr_dpo"])
+    records = json.loads(path.read_text())["records"]
+    assert [r["method"] for r in records] == ["fastpref_dpo", "fastpref_sr_dpo"]
+    assert all(r["status"].startswith("skipped: budget") and r["step_ms"] is None for r in records)
+    assert not path.with_suffix(".png").exists()
+
+
+def test_ratios_divide_by_the_same_configuration_baselines(bench):
+    records = [dict(config="a", method="trl_dpo_precomputed", step_ms=200.0),
+               dict(config="a", method="fastpref_dpo", step_ms=80.0),
+               dict(config="a", method="fastpref_sr_dpo", step_ms=100.0),
+               dict(config="b", method="fastpref_sr_dpo", step_ms=50.0)]
+    bench.add_ratios(records)
+    assert records[2]["over_trl_dpo"] == pytest.approx(0.5) and records[2]["over_fastpref_dpo"] == pytest.approx(1.25)
+    assert records[3]["over_trl_dpo"] is None and records[3]["over_fastpref_dpo"] is None
