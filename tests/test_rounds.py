@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
@@ -313,3 +312,31 @@ def test_rounds_cli_entry(tmp_path, capsys):
     assert "round 1: pairs=" in printed and "heldout_reward=" in printed
     with pytest.raises(ValueError, match="--scorer"):
         main(["--model", "tiny-llama", "--prompts", str(prompts), "--output_dir", str(out), "--scorer", "magic"])
+
+
+def test_lora_rounds_merge_the_adapters_into_the_next_reference(tmp_path):
+    """With LoRA, round 1's checkpoint is a plain model with the adapters merged, and round 2's cached reference
+    log-probs are that model's."""
+    from peft import LoraConfig
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = config(tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=5e-2)
+    args.output_dir = str(tmp_path / "lora")
+    rounds = RoundsConfig(rounds=2, samples_per_prompt=2, max_new_tokens=5)
+    run_rounds(tiny_model(seed=0), PROMPTS, KeywordCount(list("aeiou")), args=args, config=rounds,
+               tokenizer=TOKENIZER, peft_config=lora)
+    with safe_open(str(tmp_path / "lora" / "round-1" / "checkpoint" / "model.safetensors"), "pt") as handle:
+        assert not [key for key in handle.keys() if "lora" in key]
+    round_one = AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "round-1" / "checkpoint")).double()
+    initial = tiny_model(seed=0).double()
+    pairs = [json.loads(line) for line in (tmp_path / "lora" / "round-2" / "pairs.jsonl").read_text().splitlines()]
+    (cache,) = list((tmp_path / "lora" / "round-2" / "ref_cache").glob("train-*.safetensors"))
+    cached = load_file(str(cache))["ref_rejected_logps"].double()
+    with torch.no_grad():
+        want = torch.stack([_float64_logps(round_one, p["prompt"], p["rejected"]) for p in pairs])
+        before = torch.stack([_float64_logps(initial, p["prompt"], p["rejected"]) for p in pairs])
+    torch.testing.assert_close(cached, want, rtol=0, atol=2e-3)
+    assert (before - want).abs().max() > 0.05  # the adapters changed the model: the unmerged one would fail

@@ -12,11 +12,11 @@ from __future__ import annotations
 from fastpref.rounds.loop import RoundsConfig, RoundsResult, extrapolate, finished_rounds, run_rounds
 from fastpref.rounds.pairing import PAIRING_RULES, add_length_offsets, build_pairs, mix_replay, replay_count
 from fastpref.rounds.sampling import SamplingConfig, sample_responses
-from fastpref.rounds.scorers import (ImplicitRewardScorer, JudgeScorer, KeywordCount, LengthPenalty,
+from fastpref.rounds.scorers import (DemoTaskReward, ImplicitRewardScorer, JudgeScorer, KeywordCount, LengthPenalty,
                                      RewardModelScorer, RoundModels, Scorer, SumScorer, as_scorer)
 
 __all__ = [
-    "PAIRING_RULES", "ImplicitRewardScorer", "JudgeScorer", "KeywordCount", "LengthPenalty", "RewardModelScorer",
+    "PAIRING_RULES", "DemoTaskReward", "ImplicitRewardScorer", "JudgeScorer", "KeywordCount", "LengthPenalty", "RewardModelScorer",
     "RoundModels", "RoundsConfig", "RoundsResult", "SamplingConfig", "Scorer", "SumScorer", "add_length_offsets",
     "as_scorer", "build_pairs", "extrapolate", "finished_rounds", "mix_replay", "replay_count", "run_rounds",
     "sample_responses",

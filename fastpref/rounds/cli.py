@@ -7,7 +7,8 @@
 Scorers (``--scorer`` repeats and sums; ``W*SPEC`` weights a term): ``reward-model=PATH`` (a local
 sequence-classification model), ``judge=package.module:function`` (a judge callable), ``implicit`` or
 ``implicit=REFERENCE_DIR`` (DICE's implicit reward with ``--implicit_beta``), ``keyword=WORD[,WORD...]`` (a known
-reward: occurrences of the words). ``--length_penalty A`` adds −A·|y| (tokens). Prompts: ``demo`` (the bundled
+reward: occurrences of the words), ``demo-task`` (the synthetic demo task's known reward,
+:class:`fastpref.rounds.scorers.DemoTaskReward`). ``--length_penalty A`` adds −A·|y| (tokens). Prompts: ``demo`` (the bundled
 synthetic set's prompts: its train split for ``--prompts``, its test split for ``--eval_prompts``), a ``.txt``
 file (one prompt a line) or a ``.jsonl``/``.json`` file of rows with a ``prompt`` field.
 """
@@ -20,8 +21,8 @@ from pathlib import Path
 
 from fastpref.rounds.loop import RoundsConfig, run_rounds
 from fastpref.rounds.pairing import PAIRING_RULES
-from fastpref.rounds.scorers import (ImplicitRewardScorer, JudgeScorer, KeywordCount, LengthPenalty,
-                                     RewardModelScorer, Scorer, SumScorer)
+from fastpref.rounds.scorers import (DemoTaskReward, ImplicitRewardScorer, JudgeScorer, KeywordCount,
+                                     LengthPenalty, RewardModelScorer, Scorer, SumScorer)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,9 +97,11 @@ def parse_scorer(specs: list[str], *, length_penalty: float = 0.0, implicit_beta
             scorer = ImplicitRewardScorer(beta=implicit_beta, reference=reference)
         elif kind == "keyword" and value:
             scorer = KeywordCount(value.split(","))
+        elif kind == "demo-task" and not value:
+            scorer = DemoTaskReward()
         else:
-            raise ValueError(f"--scorer {spec!r}: expected reward-model=PATH, judge=module:function, implicit[=DIR] "
-                             "or keyword=WORD[,WORD]")
+            raise ValueError(f"--scorer {spec!r}: expected reward-model=PATH, judge=module:function, implicit[=DIR], "
+                             "keyword=WORD[,WORD] or demo-task")
         terms.append((weight, scorer))
     if length_penalty:
         terms.append((1.0, LengthPenalty(length_penalty)))

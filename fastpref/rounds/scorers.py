@@ -8,7 +8,8 @@
   arXiv 2406.09760), both log-probs from the fused head (:func:`fastpref.model.head.sequence_logps`, no logits).
 - :class:`LengthPenalty`: −α·|y| in tokens or characters (DICE's length-regularized reward shaping; iLR-DPO's
   length term, arXiv 2406.11817, when used to rank samples).
-- :class:`KeywordCount`: how often given strings occur in the response — a known reward computable from text.
+- :class:`KeywordCount`: how often given strings occur in the response — a known reward computable from text;
+  :class:`DemoTaskReward`: the known reward of the synthetic demo task.
 
 Scorers compose: ``rm + LengthPenalty(0.01)`` and ``2.0 * judge`` are :class:`SumScorer` s. A scorer that needs
 the round's models (the implicit reward) sets ``needs_models`` and gets them from :meth:`Scorer.bind`, which the
