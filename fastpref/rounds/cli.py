@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fastpref.rounds.loop import RoundsConfig, run_rounds
@@ -147,3 +148,7 @@ def main(argv: list[str]) -> int:
               f"{held}")
     print(f"rounds written under {options.output_dir}")
     return 0
+
+
+if __name__ == "__main__":  # python -m fastpref.rounds.cli …, until `fastpref rounds` is wired into fastpref/cli.py
+    raise SystemExit(main(sys.argv[1:]))
