@@ -87,6 +87,7 @@ def test_keyword_length_and_sums():
     total = 2 * KeywordCount("ab") + LengthPenalty(0.5, unit="chars") + KeywordCount("z")
     assert total.score(prompts, responses).tolist() == [2 * 2 - 3.5, 1 - 3.5]
     assert total.score(prompts, responses).dtype == torch.float64
+    assert sum([KeywordCount("ab"), KeywordCount("c")]).score(prompts, responses).tolist() == [4.0, 0.0]
 
     class Broken:
         def score(self, prompts, responses):

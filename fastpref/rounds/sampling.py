@@ -99,7 +99,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], config: Sampli
                      seed: int = 0) -> list[list[str]]:
     """``config.samples_per_prompt`` responses (strings) for each prompt, in prompt order.
 
-    Sampling draws from a forked torch RNG seeded with ``seed`` (the global RNG is left as it was), so the same
+    With ``temperature=0`` (greedy) each prompt is decoded once and its response repeated K times. Sampling
+    draws from a forked torch RNG seeded with ``seed`` (the global RNG is left as it was), so the same
     model, prompts, options and seed give the same responses.
     """
     if tokenizer.pad_token_id is None:
@@ -113,6 +114,7 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], config: Sampli
     model.eval()
     responses: list[list[str]] = []
     k = config.samples_per_prompt
+    per_call = 1 if config.temperature == 0 else k  # greedy: one decode per prompt, repeated K times
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -120,11 +122,11 @@ def sample_responses(model, tokenizer, prompts: Sequence[Prompt], config: Sampli
                 input_ids, attention_mask = left_pad(encoded[start:start + config.batch_size],
                                                      tokenizer.pad_token_id)
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     num_return_sequences=k, pad_token_id=tokenizer.pad_token_id,
+                                     num_return_sequences=per_call, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=sorted(eos_ids), **config.generate_kwargs())
                 new = out[:, input_ids.shape[1]:].cpu()
                 texts = [_decode(tokenizer, row, eos_ids) for row in new]
-                responses += [texts[i:i + k] for i in range(0, len(texts), k)]
+                responses += [texts[i:i + per_call] * (k // per_call) for i in range(0, len(texts), per_call)]
     finally:
         model.train(was_training)
     return responses

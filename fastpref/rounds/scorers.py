@@ -56,6 +56,9 @@ class Scorer:
     def __add__(self, other: Scorer) -> SumScorer:
         return SumScorer([(1.0, self), (1.0, as_scorer(other))])
 
+    def __radd__(self, other) -> Scorer:  # sum([a, b]) starts from 0
+        return self if isinstance(other, (int, float)) and other == 0 else as_scorer(other) + self
+
     def __mul__(self, weight: float) -> SumScorer:
         return SumScorer([(float(weight), self)])
 
