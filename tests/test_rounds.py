@@ -341,3 +341,17 @@ def test_lora_rounds_merge_the_adapters_into_the_next_reference(tmp_path):
         before = torch.stack([_float64_logps(initial, p["prompt"], p["rejected"]) for p in pairs])
     torch.testing.assert_close(cached, want, rtol=0, atol=2e-3)
     assert (before - want).abs().max() > 0.05  # the adapters changed the model: the unmerged one would fail
+
+
+def test_a_round_without_pairs_carries_the_policy_over(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    args = config(tmp_path, max_steps=1)
+    args.output_dir = str(tmp_path / "ties")
+    with pytest.warns(RuntimeWarning, match="no pairs"):
+        result = run_rounds(tiny_model(seed=0), PROMPTS, KeywordCount("§"), args=args, tokenizer=TOKENIZER,
+                            config=RoundsConfig(rounds=1, samples_per_prompt=2, max_new_tokens=3))
+    assert result.rounds[0]["pairs"] == 0 and "train_loss" not in result.rounds[0]
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ties" / "round-1" / "checkpoint"))
+    for (name, got), (_, want) in zip(saved.named_parameters(), tiny_model(seed=0).named_parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)

@@ -296,14 +296,15 @@ def _run_round(run: _Run, t: int, policy, previous, pool: list[dict]):
     else:
         warnings.warn(f"round {t}: no pairs (every prompt's samples tie within margin={run.config.margin}); the "
                       "policy is carried over untrained", RuntimeWarning, stacklevel=3)
+    reference = start if pairs else previous  # what the (possibly untrained) policy was trained against
     if run.eval_prompts:
-        run.eval_scorer.bind(RoundModels(policy=policy, reference=start, tokenizer=run.tokenizer, round=t))
+        run.eval_scorer.bind(RoundModels(policy=policy, reference=reference, tokenizer=run.tokenizer, round=t))
         metrics.update(held_out_reward(policy, run.tokenizer, run.eval_prompts, run.eval_scorer, run.config))
     policy.save_pretrained(str(directory / "checkpoint"))
     run.tokenizer.save_pretrained(str(directory / "checkpoint"))
     write_atomic(directory / "metrics.json", json.dumps(metrics, indent=2))
     write_atomic(directory / MARKER, json.dumps({"round": t, "pairs": len(pairs)}))
-    return policy, start, metrics, pairs
+    return policy, reference, metrics, pairs
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------------
