@@ -1,4 +1,5 @@
-"""The ``fastpref`` command line (also ``python -m fastpref``): ``demo``, ``train``, ``precompute-ref``, ``bench``.
+"""The ``fastpref`` command line (also ``python -m fastpref``): ``demo``, ``train``, ``precompute-ref``, ``rounds``,
+``bench``.
 
 ``main`` dispatches to one ``cmd_*`` per command and turns fastpref's errors (bad arguments, bad data, a missing
 file or backend) into one line on stderr and exit status 1; ``--debug`` / ``FASTPREF_DEBUG=1`` re-raises them.
@@ -29,12 +30,14 @@ commands:
   demo             Sr-DPO on a tiny model and synthetic data, a fused-head check, and a DPO comparison
   train            train a model on preference data and save it to --output_dir
   precompute-ref   compute the reference log-probs of a dataset into the cache (or find them there)
+  rounds           online rounds: sample, score, pair, train, with each round's policy as the next reference
   bench            run the benchmark scripts of a source checkout
 
 examples:
   fastpref demo
   fastpref train --model tiny-llama --dataset prefs.jsonl --output_dir runs/x --loss_type sr_dpo --max_steps 100
   fastpref precompute-ref --model runs/x --dataset prefs.jsonl --output_dir runs/x-ref
+  fastpref rounds --model tiny-llama --prompts demo --rounds 2 --scorer demo-task --output_dir runs/r
   fastpref bench --help
 
 `fastpref COMMAND --help` describes a command's options. Errors print one line; --debug (anywhere on the line,
@@ -289,7 +292,14 @@ def cmd_bench(argv: list[str]) -> int:
     return status
 
 
-HANDLERS = {"train": cmd_train, "precompute-ref": cmd_precompute_ref, "demo": cmd_demo, "bench": cmd_bench}
+def cmd_rounds(argv: list[str]) -> int:
+    from fastpref.rounds.cli import main as rounds_main
+
+    return rounds_main(argv)
+
+
+HANDLERS = {"train": cmd_train, "precompute-ref": cmd_precompute_ref, "demo": cmd_demo, "rounds": cmd_rounds,
+            "bench": cmd_bench}
 
 
 def pop_debug(argv: list[str], command: str) -> tuple[list[str], bool]:

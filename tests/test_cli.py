@@ -269,3 +269,12 @@ def test_demo_prints_its_summary(tmp_path, monkeypatch, capsys):
     assert "held-out accuracy" in printed and "Sr-DPO costs" in printed
     assert figures["accuracy_before"] == 0.0 and figures["accuracy_after"] > 0.5
     assert figures["sr_dpo_step_s"] > 0 and figures["dpo_step_s"] > 0
+
+
+def test_rounds_is_a_fastpref_command(capsys):
+    from fastpref.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["rounds", "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: fastpref rounds")
