@@ -137,9 +137,17 @@ _LOADED: dict[tuple[str, str], object] = {}
 
 def load_kernels(op: str, backend: str):
     """The ``KERNELS`` object of backend `backend` for op family `op` ("logps" or "losses"): the module
-    ``fastpref/<op>/<backend>_backend.py`` defines it. Imported on first use, then cached, so torch.compile traces
-    this lookup without a graph break on importlib."""
+    ``fastpref/<op>/<backend>_backend.py`` defines it. Imported once, then cached; :func:`preload_kernels` fills
+    the cache when an op family is imported, so a call traced by torch.compile only reads a dict (dynamo refuses
+    ``importlib``)."""
     kernels = _LOADED.get((op, backend))
     if kernels is None:
         kernels = _LOADED[(op, backend)] = importlib.import_module(f"fastpref.{op}.{backend}_backend").KERNELS
     return kernels
+
+
+def preload_kernels(op: str) -> None:
+    """Import the kernels of every backend that can run in this process for op family `op`."""
+    for name in BACKEND_NAMES:
+        if missing_reason(name) is None:
+            load_kernels(op, name)

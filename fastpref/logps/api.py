@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastpref.backends import load_kernels, resolve_backend
+from fastpref.backends import load_kernels, preload_kernels, resolve_backend
 from fastpref.logps.contract import GradsWanted, LinearHead, LogitsRows, LogpsKernels
 from fastpref.logps.inputs import LogpsProblem, check_linear_logps_args, check_logits_logps_args
 
@@ -184,3 +184,6 @@ def logits_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: in
     settings = (problem.ignore_index, problem.temperature)
     token_logps = _LogitsTokenLogps.apply(problem.rows, problem.labels, settings, kernels)
     return _reduce(problem, token_logps, return_token_logps)
+
+
+preload_kernels("logps")  # before any torch.compile trace reaches load_kernels (see its docstring)
