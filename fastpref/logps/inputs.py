@@ -101,17 +101,17 @@ def skip_value_checks() -> Iterator[None]:
 
 
 def value_checks_enabled() -> bool:
-    """False inside :func:`skip_value_checks` or when ``FASTPREF_SKIP_VALUE_CHECKS`` is set."""
-    if _skip_depth:
+    """False inside :func:`skip_value_checks`, when ``FASTPREF_SKIP_VALUE_CHECKS`` is set, or while torch.compile
+    traces (fake tensors have no values to read; reading them would break the graph)."""
+    if _skip_depth or torch.compiler.is_compiling():
         return False
     return os.environ.get("FASTPREF_SKIP_VALUE_CHECKS", "0") not in {"1", "true", "yes", "on"}
 
 
 def _has_values(tensor: torch.Tensor) -> bool:
-    """False for tensors without data to read: meta tensors, and the fake tensors torch.compile traces with (a
-    compiled graph cannot read values on the host without breaking; the kernels stay memory-safe without the
-    checks)."""
-    if tensor.device.type == "meta" or torch.compiler.is_compiling():
+    """False for tensors without data to read: meta tensors and fake tensors (the kernels stay memory-safe without
+    the checks)."""
+    if tensor.device.type == "meta":
         return False
     return not isinstance(tensor, torch._subclasses.fake_tensor.FakeTensor)
 
