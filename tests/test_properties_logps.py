@@ -25,7 +25,8 @@ from unittest import mock
 import pytest
 import torch
 from conftest import available_backends
-from logps_checks import assert_within_eager, eager_linear_logps, eager_logits_logps, upstream_grads
+from logps_checks import (assert_within_eager, eager_linear_logps, eager_logits_logps, float64_copies,
+                          upstream_grads)
 
 import fastpref
 from fastpref.backends import triton_interpreted
@@ -254,7 +255,7 @@ def _linear_case(backend: str, case: Case):
     kwargs = dict(bias=bias, ignore_index=case.ignore_index, temperature=case.temperature, softcap=case.softcap,
                   token_weights=weights, cu_seqlens=cu)
     out = fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, backend=backend, **kwargs)
-    exact = [None if t is None else t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    exact = float64_copies(hidden, weight, bias)
     oracle = logps_oracle.linear_logps(exact[0], exact[1], labels, return_token_logps=True,
                                        **{**kwargs, "bias": exact[2]})
     eager = eager_linear_logps(hidden, weight, labels, bias, case.softcap, case.temperature, weights, cu,
@@ -280,7 +281,7 @@ def _logits_case(backend: str, case: Case):
     kwargs = dict(ignore_index=case.ignore_index, temperature=case.temperature, token_weights=weights,
                   cu_seqlens=cu)
     out = fastpref.logits_logps(logits, labels, return_token_logps=True, backend=backend, **kwargs)
-    exact = logits.detach().double().requires_grad_()
+    (exact,) = float64_copies(logits)
     oracle = logps_oracle.logits_logps(exact, labels, return_token_logps=True, **kwargs)
     eager = eager_logits_logps(logits, labels, **kwargs)
     _check_outputs(out, eager, oracle, labels, case, dtype)

@@ -130,7 +130,8 @@ def _reduce(problem: LogpsProblem, token_logps: torch.Tensor, return_token_logps
             stats: tuple = ()) -> LogpsOutput:
     scored = problem.labels != problem.ignore_index
     token_logps = token_logps.to(output_dtype(problem.rows.dtype))
-    weighted = token_logps if problem.token_weights is None else token_logps * problem.token_weights.to(token_logps.dtype)
+    weights = problem.token_weights
+    weighted = token_logps if weights is None else token_logps * weights.to(token_logps.dtype)
     logps = sequence_sums(weighted, problem)
     counts = sequence_sums(scored.to(torch.int64), problem)
     token_out = token_logps.view(problem.label_shape) if return_token_logps else None
@@ -162,8 +163,8 @@ def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         backend: "triton", "cpp", "torch" or None (see :mod:`fastpref.backends`).
 
     Returns:
-        :class:`LogpsOutput` (``logps`` [S] float32, float64 for float64 inputs, ``counts`` [S] int64, ``token_logps`` and ``token_stats``
-        or None).
+        :class:`LogpsOutput` (``logps`` [S] float32, float64 for float64 inputs, ``counts`` [S] int64,
+        ``token_logps`` and ``token_stats`` or None).
         Differentiable, exactly, with respect to hidden, weight and bias (and token_weights) for any upstream
         gradient on ``logps`` and ``token_logps``. A sequence without scored rows has logps 0 and count 0.
     """

@@ -25,8 +25,8 @@ def _sequence_index(label_shape: torch.Size, cu_seqlens: torch.Tensor | None, de
 
 
 def _token_stats(z: torch.Tensor, flat: torch.Tensor, scored: torch.Tensor, shape: torch.Size) -> TokenStats:
-    """Statistics in forms that stay accurate as p → one-hot: with m = max z, e_v = e^(z_v − m), r = Σ_{v≠argmax} e_v
-    and ℓ = log1p(r) = log Σ e_v,  entropy = ℓ + Σ_v e_v·(m − z_v) / (1 + r)  (both terms ≥ 0) and
+    """Statistics in forms that stay accurate as p → one-hot: with m = max z, e_v = e^(z_v − m),
+    r = Σ_{v≠argmax} e_v and ℓ = log1p(r) = log Σ e_v,  entropy = ℓ + Σ_v e_v·(m − z_v) / (1 + r)  (both terms ≥ 0) and
     log Σp² = log1p(Σ_{v≠argmax} e_v²) − 2ℓ."""
     zero = torch.zeros_like(z[:, 0])
     top = z.argmax(-1, keepdim=True)
