@@ -9,7 +9,7 @@ inputs, large logit magnitudes and offsets, frozen or trainable heads and non-un
 are reached at small sizes; the triton backend (the interpreter here) gets small sizes only.
 
 Budget: a fixed, derandomized run sized for CI by default. ``FASTPREF_FUZZ_EXAMPLES=N`` draws N cases per test
-instead; ``FASTPREF_FUZZ_LOG=path.jsonl`` records every case (and its failure) to that file and keeps going
+instead, ``FASTPREF_FUZZ_SEED=K`` another fixed set of cases; ``FASTPREF_FUZZ_LOG=path.jsonl`` records every case (and its failure) to that file and keeps going
 instead of stopping at the first failure, for counting failures in long runs.
 """
 
@@ -34,7 +34,7 @@ from fastpref.logps import oracle as logps_oracle
 from fastpref.logps import torch_backend
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, assume, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # On a CUDA machine the triton backend wants CUDA tensors; this suite builds CPU ones (tests/test_gpu_logps.py
@@ -42,6 +42,7 @@ from hypothesis import strategies as st  # noqa: E402
 BACKENDS = [b for b in available_backends() if b != "triton" or triton_interpreted()]
 EXAMPLES = int(os.environ.get("FASTPREF_FUZZ_EXAMPLES", "0"))
 LOG_PATH = os.environ.get("FASTPREF_FUZZ_LOG")
+SEED = int(os.environ["FASTPREF_FUZZ_SEED"]) if os.environ.get("FASTPREF_FUZZ_SEED") else None
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Cases per test in CI (the interpreter runs a Triton program in about a millisecond: fewer there).
 CI_EXAMPLES = {"torch": 25, "cpp": 25, "triton": 5}
@@ -69,8 +70,10 @@ PARAMS = list(_params())
 
 
 def _settings(backend: str):
-    return settings(max_examples=EXAMPLES or CI_EXAMPLES[backend], derandomize=True, deadline=None, database=None,
-                    phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+    """Derandomized (the same cases every run) unless ``FASTPREF_FUZZ_SEED`` picks another fixed seed."""
+    fixed = settings(max_examples=EXAMPLES or CI_EXAMPLES[backend], derandomize=SEED is None, deadline=None,
+                     database=None, phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+    return fixed if SEED is None else (lambda test: seed(SEED)(fixed(test)))
 
 
 @dataclass(frozen=True)
