@@ -10,7 +10,8 @@ are reached at small sizes; the triton backend (the interpreter here) gets small
 
 Budget: a fixed, derandomized run sized for CI by default. ``FASTPREF_FUZZ_EXAMPLES=N`` draws N cases per test
 instead, ``FASTPREF_FUZZ_SEED=K`` another fixed set of cases; ``FASTPREF_FUZZ_LOG=path.jsonl`` records every case (and its failure) to that file and keeps going
-instead of stopping at the first failure, for counting failures in long runs.
+instead of stopping at the first failure, for counting failures in long runs (its strict-xfail params then
+report XPASS: their failures went to the log).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastpref.backends import triton_interpreted
 from fastpref.logps import oracle as logps_oracle
 from fastpref.logps import torch_backend
 
-hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
