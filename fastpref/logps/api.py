@@ -43,9 +43,10 @@ class TokenStats(NamedTuple):
 class LogpsOutput(NamedTuple):
     """Result of :func:`linear_logps` / :func:`logits_logps`.
 
-    logps:       [S] float32, Σ_t w_t · log p_t over each sequence's scored rows (0 for a sequence with none).
+    logps:       [S] float32 (float64 for float64 inputs), Σ_t w_t · log p_t over each sequence's scored rows (0 for
+                 a sequence with none); a NaN or −inf in one sequence stays in that sequence.
     counts:      [S] int64, scored rows per sequence (0 for a sequence with none).
-    token_logps: shape of labels, float32, unweighted log p_t, 0 at ignored rows; None unless asked for.
+    token_logps: shape of labels, the dtype of ``logps``, unweighted log p_t, 0 at ignored rows; None unless asked for.
     token_stats: :class:`TokenStats`; None unless asked for (``linear_logps(..., return_token_stats=True)``).
     """
 
@@ -76,7 +77,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_token_logps, *_grad_no_diff):
         hidden, weight, bias, labels, *state = ctx.saved_tensors
         head = LinearHead(hidden, weight, bias, labels, *ctx.settings)
-        grad_rows = grad_token_logps.to(_grad_dtype(hidden)).contiguous()
+        grad_rows = grad_token_logps.to(ctx.kernels.grad_dtype(hidden.dtype)).contiguous()
         dh, dw, db = ctx.kernels.linear_backward(head, tuple(state), grad_rows, ctx.wanted)
         return dh, dw, db, None, None, None, None
 
@@ -97,34 +98,40 @@ class _LogitsTokenLogps(torch.autograd.Function):
     def backward(ctx, grad_token_logps):
         logits, labels, *state = ctx.saved_tensors
         rows = LogitsRows(logits, labels, *ctx.settings)
-        grad_rows = grad_token_logps.to(_grad_dtype(logits)).contiguous()
+        grad_rows = grad_token_logps.to(ctx.kernels.grad_dtype(logits.dtype)).contiguous()
         return ctx.kernels.logits_backward(rows, tuple(state), grad_rows), None, None, None
 
 
-def _grad_dtype(rows: torch.Tensor) -> torch.dtype:
-    """The dtype of the per-row upstream gradient a backend receives (see fastpref.logps.contract)."""
-    return torch.float32
+def output_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``logps`` and ``token_logps``: float64 for float64 inputs, float32 for 16/32-bit ones."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
 
 
 def sequence_sums(values: torch.Tensor, problem: LogpsProblem) -> torch.Tensor:
     """Σ of per-row `values` [N] over each sequence of `problem` → [S], deterministic and without host syncs.
 
-    Padded problems sum each row of the [B, T] view; packed ones take differences of a float64 (or int64)
-    prefix sum at the ``cu_seqlens`` boundaries.
+    Each sequence is summed on its own, so a NaN or ±inf in one sequence never reaches another: padded problems
+    sum each row of the [B, T] view, packed ones take a segment sum over the ``cu_seqlens`` ranges (no atomics).
+    Floating values are summed in float64 and returned in their dtype; integer ones (counts) are exact
+    differences of an integer prefix sum.
     """
+    if not values.dtype.is_floating_point:
+        if problem.padded:
+            return values.view(problem.label_shape).sum(dim=1)
+        prefix = F.pad(values.cumsum(0), (1, 0))
+        return prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]
     if problem.padded:
-        return values.view(problem.label_shape).sum(dim=1)
-    if values.dtype.is_floating_point:
-        prefix = F.pad(values.double().cumsum(0), (1, 0))
-        return (prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]).to(values.dtype)
-    prefix = F.pad(values.cumsum(0), (1, 0))
-    return prefix[problem.cu_seqlens[1:]] - prefix[problem.cu_seqlens[:-1]]
+        return values.view(problem.label_shape).double().sum(dim=1).to(values.dtype)
+    sums = torch.segment_reduce(values.double(), "sum", offsets=problem.cu_seqlens, axis=0, unsafe=True)
+    return sums.to(values.dtype)
 
 
 def _reduce(problem: LogpsProblem, token_logps: torch.Tensor, return_token_logps: bool,
             stats: tuple = ()) -> LogpsOutput:
     scored = problem.labels != problem.ignore_index
-    weighted = token_logps if problem.token_weights is None else token_logps * problem.token_weights.float()
+    token_logps = token_logps.to(output_dtype(problem.rows.dtype))
+    weights = problem.token_weights
+    weighted = token_logps if weights is None else token_logps * weights.to(token_logps.dtype)
     logps = sequence_sums(weighted, problem)
     counts = sequence_sums(scored.to(torch.int64), problem)
     token_out = token_logps.view(problem.label_shape) if return_token_logps else None
@@ -156,8 +163,8 @@ def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tenso
         backend: "triton", "cpp", "torch" or None (see :mod:`fastpref.backends`).
 
     Returns:
-        :class:`LogpsOutput` (``logps`` [S] float32, ``counts`` [S] int64, ``token_logps`` and ``token_stats``
-        or None).
+        :class:`LogpsOutput` (``logps`` [S] float32, float64 for float64 inputs, ``counts`` [S] int64,
+        ``token_logps`` and ``token_stats`` or None).
         Differentiable, exactly, with respect to hidden, weight and bias (and token_weights) for any upstream
         gradient on ``logps`` and ``token_logps``. A sequence without scored rows has logps 0 and count 0.
     """
@@ -176,8 +183,8 @@ def logits_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: in
                  backend: str | None = None) -> LogpsOutput:
     """Per-sequence log-probs from ready logits [B, T, V] or [N, V] (+ ``cu_seqlens``); see :func:`linear_logps`.
 
-    The logits are read block by block in their own dtype with float32 accumulation: the whole tensor is never
-    upcast. Differentiable with respect to ``logits``.
+    The logits are read block by block in their own dtype with float32 accumulation (float64 for float64 logits):
+    the whole tensor is never upcast. Differentiable with respect to ``logits``.
     """
     problem = check_logits_logps_args(logits, labels, ignore_index, temperature, token_weights, cu_seqlens)
     kernels = load_kernels("logps", resolve_backend(backend, problem.rows.device))

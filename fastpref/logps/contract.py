@@ -5,11 +5,13 @@ A backend module (``torch_backend``, ``cpp_backend``, ``triton_backend``) define
 problem, never [B, T] views: ``LinearHead`` for :func:`fastpref.linear_logps`, ``LogitsRows`` for
 :func:`fastpref.logits_logps`.
 
-Forward: ``token_logps`` [N] float32, 0 at ignored rows, and ``state``: the tensors the
-backend's own backward needs (for example the row log-sum-exp), saved by the autograd wrapper and handed back
-unchanged. ``wanted`` says which gradients the backward will be asked for; with none, ``state`` may be empty.
-Backward: ``grad_rows`` [N] is ∂L/∂log p_t (float32); gradients come back in their
-input's dtype, None where not wanted.
+Forward: ``token_logps`` [N] float32 (float64 for float64 inputs: a backend that returns float32 there loses
+precision the op promises), 0 at ignored rows, and ``state``: the tensors the backend's own backward needs (for
+example the row log-sum-exp), saved by the autograd wrapper and handed back unchanged. ``wanted`` says which
+gradients the backward will be asked for; with none, ``state`` may be empty.
+Backward: ``grad_rows`` [N] is ∂L/∂log p_t in the dtype :meth:`LogpsKernels.grad_dtype` declares for the input
+dtype (float32 unless the backend says otherwise); gradients come back in their input's dtype, None where not
+wanted.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class LogpsKernels:
     """The interface of a log-prob backend (see the module docstring)."""
 
     name: str = ""
+
+    def grad_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the ``grad_rows`` this backend's backward takes for inputs of ``input_dtype``."""
+        return torch.float32
 
     def linear_forward(self, head: LinearHead, wanted: GradsWanted) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError

@@ -9,7 +9,9 @@ nothing; the checks that read tensor values (labels in range, ``cu_seqlens`` wel
 one tensor that is read once — a single host sync on CUDA. ``FASTPREF_SKIP_VALUE_CHECKS=1`` removes it everywhere,
 ``with fastpref.skip_value_checks():`` within a block (the trainer does this for the token ids it made and
 checked itself); the kernels stay memory-safe without it (they never use a label as an address), but results
-for bad labels are then undefined.
+for bad labels are then undefined. Tensors without readable values (meta tensors, the fake tensors of a
+torch.compile trace) skip the value checks too. ``cu_seqlens`` is then forced into a valid boundary list on the
+device, so no sequence reaches outside [0, N).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 IGNORE_INDEX = -100  # the label of a row that scores nothing (PyTorch's and TRL's convention)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 @dataclass
@@ -65,6 +68,8 @@ def _check_same_device(name: str, tensor: torch.Tensor, ref_name: str, ref: torc
 def _check_scalars(ignore_index, temperature, softcap) -> tuple[int, float, float | None]:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64 (labels are compared as int64), got {ignore_index}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature <= 0:
@@ -96,16 +101,25 @@ def skip_value_checks() -> Iterator[None]:
 
 
 def value_checks_enabled() -> bool:
-    """False inside :func:`skip_value_checks` or when ``FASTPREF_SKIP_VALUE_CHECKS`` is set."""
-    if _skip_depth:
+    """False inside :func:`skip_value_checks`, when ``FASTPREF_SKIP_VALUE_CHECKS`` is set, or while torch.compile
+    traces (fake tensors have no values to read; reading them would break the graph)."""
+    if _skip_depth or torch.compiler.is_compiling():
         return False
     return os.environ.get("FASTPREF_SKIP_VALUE_CHECKS", "0") not in {"1", "true", "yes", "on"}
+
+
+def _has_values(tensor: torch.Tensor) -> bool:
+    """False for tensors without data to read: meta tensors and fake tensors (the kernels stay memory-safe without
+    the checks)."""
+    if tensor.device.type == "meta":
+        return False
+    return not isinstance(tensor, torch._subclasses.fake_tensor.FakeTensor)
 
 
 def _check_values(labels: torch.Tensor, ignore_index: int, vocab: int, cu_seqlens: torch.Tensor | None,
                   num_rows: int, cu_given: bool) -> None:
     """Reads every data-dependent condition in one go (one host sync) and raises on the first that fails."""
-    if not value_checks_enabled():
+    if not value_checks_enabled() or not _has_values(labels):
         return
     scored = labels != ignore_index
     flags = [
@@ -131,6 +145,38 @@ def _check_values(labels: torch.Tensor, ignore_index: int, vocab: int, cu_seqlen
             raise ValueError(message)
 
 
+def _bounded_boundaries(cu: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``cu`` forced into a valid boundary list (0 first, N last, non-decreasing in between), on the device: the
+    identity for checked boundaries; with the value checks skipped, bad boundaries give undefined sums but never an
+    out-of-range row."""
+    inner = cu[1:-1].clamp(0, num_rows).cummax(0).values
+    return torch.cat([cu.new_zeros(1), inner, cu.new_full((1,), num_rows)])
+
+
+def _packed_boundaries(rows_name: str, rows: torch.Tensor, cu_seqlens) -> torch.Tensor:
+    """The [S+1] int64 boundaries of the packed form: ``cu_seqlens`` checked, or one sequence [0, N] made on the
+    device (no host-to-device copy)."""
+    if cu_seqlens is None:
+        return torch.arange(2, device=rows.device, dtype=torch.int64) * rows.shape[0]
+    cu_seqlens = _require_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    _check_same_device("cu_seqlens", cu_seqlens, rows_name, rows)
+    return cu_seqlens.to(torch.int64)
+
+
+def _checked_token_weights(rows_name: str, rows: torch.Tensor, labels: torch.Tensor, token_weights) -> torch.Tensor:
+    token_weights = _require_tensor("token_weights", token_weights)
+    _check_float("token_weights", token_weights)
+    _check_same_device("token_weights", token_weights, rows_name, rows)
+    if token_weights.shape != labels.shape:
+        raise ValueError(f"token_weights must have the shape of labels {tuple(labels.shape)}, "
+                         f"got {tuple(token_weights.shape)}")
+    return token_weights.reshape(-1)
+
+
 def _normalize_rows(rows_name: str, rows: torch.Tensor, labels: torch.Tensor, token_weights, cu_seqlens,
                     vocab: int, ignore_index: int, temperature: float, softcap: float | None) -> LogpsProblem:
     """Shared shape logic of both ops: [B, T, K] + [B, T] labels, or [N, K] + [N] labels (+ cu_seqlens)."""
@@ -147,39 +193,23 @@ def _normalize_rows(rows_name: str, rows: torch.Tensor, labels: torch.Tensor, to
                              f"got {rows_name} of shape {tuple(rows.shape)}")
         batch, steps = labels.shape
         padded = True
-        cu = torch.arange(0, (batch + 1) * steps, steps, device=rows.device, dtype=torch.int64)
-        if steps == 0:
-            cu = torch.zeros(batch + 1, device=rows.device, dtype=torch.int64)
+        cu = torch.arange(batch + 1, device=rows.device, dtype=torch.int64) * steps
     elif rows.dim() == 2:
         if labels.shape != rows.shape[:1]:
             raise ValueError(f"labels must have shape ({rows.shape[0]},) to match {rows_name} "
                              f"{tuple(rows.shape)}, got {tuple(labels.shape)}")
         padded = False
-        if cu_seqlens is None:
-            cu = torch.tensor([0, rows.shape[0]], device=rows.device, dtype=torch.int64)
-        else:
-            cu_seqlens = _require_tensor("cu_seqlens", cu_seqlens)
-            if cu_seqlens.dtype not in (torch.int32, torch.int64):
-                raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-                raise ValueError(f"cu_seqlens must be 1-D with S+1 >= 2 entries, got shape "
-                                 f"{tuple(cu_seqlens.shape)}")
-            _check_same_device("cu_seqlens", cu_seqlens, rows_name, rows)
-            cu = cu_seqlens.to(torch.int64)
+        cu = _packed_boundaries(rows_name, rows, cu_seqlens)
     else:
         raise ValueError(f"{rows_name} must be [B, T, K] or [N, K], got shape {tuple(rows.shape)}")
 
     if token_weights is not None:
-        token_weights = _require_tensor("token_weights", token_weights)
-        _check_float("token_weights", token_weights)
-        _check_same_device("token_weights", token_weights, rows_name, rows)
-        if token_weights.shape != labels.shape:
-            raise ValueError(f"token_weights must have the shape of labels {tuple(labels.shape)}, "
-                             f"got {tuple(token_weights.shape)}")
-        token_weights = token_weights.reshape(-1)
+        token_weights = _checked_token_weights(rows_name, rows, labels, token_weights)
 
     flat_labels = labels.reshape(-1).to(torch.int64)
     _check_values(flat_labels, ignore_index, vocab, cu, flat_labels.numel(), cu_given=cu_seqlens is not None)
+    if cu_seqlens is not None:
+        cu = _bounded_boundaries(cu, flat_labels.numel())
     return LogpsProblem(
         rows=rows.reshape(-1, rows.shape[-1]),
         labels=flat_labels,
