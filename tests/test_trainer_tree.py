@@ -187,7 +187,7 @@ def test_tree_with_an_attention_that_cannot_express_it_is_refused(attention, err
     ("sdpa", "tree", True, "tree"),
 ])
 def test_auto_layout_resolution(attention, stream_layout, padding_free, expected, tmp_path):
-    from fastpref.trainer.trainer import resolve_stream_layout
+    from fastpref.trainer.models import resolve_stream_layout
 
     model = tiny_model()
     model.config._attn_implementation = attention

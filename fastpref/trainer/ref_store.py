@@ -159,7 +159,8 @@ def dataset_fingerprint(dataset, *, batch_size: int = 1024) -> str:
     return digest.hexdigest()
 
 
-def _tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (dtype, shape and bytes of each; the order of the names does not matter)."""
     return _digest({name: tensors[name] for name in sorted(tensors)})
 
 
@@ -234,7 +235,7 @@ class RefLogpsStore:
             warnings.warn(f"reference cache {path} is unreadable ({type(error).__name__}: {error}); recomputing",
                           RuntimeWarning, stacklevel=2)
             return None
-        if metadata.get(_META_FINGERPRINT) != fp or metadata.get(_META_CHECKSUM) != _tensors_checksum(tensors):
+        if metadata.get(_META_FINGERPRINT) != fp or metadata.get(_META_CHECKSUM) != tensors_digest(tensors):
             warnings.warn(f"reference cache {path} fails its fingerprint/checksum check (corrupt); recomputing",
                           RuntimeWarning, stacklevel=2)
             return None
@@ -253,7 +254,7 @@ class RefLogpsStore:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"tensors[{key!r}] must be a torch.Tensor, got {type(tensor).__name__}")
             cpu[key] = tensor.detach().to("cpu").contiguous()
-        metadata = {_META_FINGERPRINT: fp, _META_CHECKSUM: _tensors_checksum(cpu),
+        metadata = {_META_FINGERPRINT: fp, _META_CHECKSUM: tensors_digest(cpu),
                     _META_PARTS: json.dumps(dict(parts or {}), sort_keys=True)}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-{_HOST}-{os.getpid()}-", suffix=".tmp")
@@ -306,4 +307,4 @@ def _pid_alive(pid: int) -> bool:
 
 
 __all__ = ["MISMATCH_POLICIES", "RefLogpsStore", "StaleReferenceCacheError", "dataset_fingerprint", "fingerprint",
-           "fingerprint_parts", "model_fingerprint", "tokenizer_fingerprint"]
+           "fingerprint_parts", "model_fingerprint", "tensors_digest", "tokenizer_fingerprint"]
