@@ -137,11 +137,9 @@ def _adapter_weights(model) -> dict[str, torch.Tensor]:
 
 
 def test_lora_initialisation_follows_args_seed(tmp_path):
-    """Adapters are initialised after ``set_seed(args.seed)`` (as TRL does): the same seed gives the same adapters
-    whatever the global RNG held before, and TRL's initialisation; another seed gives others."""
-    from transformers import set_seed
-
-    from peft import get_peft_model
+    """Adapters are initialised after ``set_seed(args.seed)``: the same seed gives the same adapters whatever the
+    global RNG held before, and the very adapters TRL 1.16's DPOTrainer builds; another seed gives others."""
+    trl = pytest.importorskip("trl")
 
     def adapters(seed, noise):
         model = tiny_model()
@@ -155,9 +153,12 @@ def test_lora_initialisation_follows_args_seed(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
     model = tiny_model()
-    set_seed(0)  # TRL 1.16's DPOTrainer: set_seed(args.seed), then get_peft_model (trl/trainer/dpo_trainer.py)
-    trl_style = _adapter_weights(get_peft_model(model, _lora()))
-    assert trl_style.keys() == first.keys() and all(torch.equal(first[k], trl_style[k]) for k in first)
+    torch.manual_seed(3)
+    reference = trl.DPOTrainer(model=model, args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), seed=0, report_to=[],
+                                                               use_cpu=True, max_length=64),
+                               train_dataset=demo_rows("train", 4), processing_class=TOKENIZER, peft_config=_lora())
+    theirs = _adapter_weights(reference.model)
+    assert theirs.keys() == first.keys() and all(torch.equal(first[k], theirs[k]) for k in first)
 
 
 # ---- the refinement prefix (item 16) --------------------------------------------------------------------------
