@@ -62,8 +62,10 @@ def cache_fingerprint(reference_fp: str, dataset, stream: str, token_weights: st
     collator, else :func:`collated_rows_fingerprint`. Each stream is cached on its own, so a DPO run reuses the
     plain stream an Sr-DPO run computed."""
     token_view = dataset.select_columns(list(STREAM_TOKEN_COLUMNS[stream]))
+    if not isinstance(token_weights, str):  # ld_alpha: 1 and 1.0 are one setting
+        token_weights = -1.0 if token_weights is None else float(token_weights)
     parts = dict(format=CACHE_FORMAT, reference=reference_fp, tokens=dataset_fingerprint(token_view),
-                 stream=stream or "plain", token_weights=-1.0 if token_weights is None else token_weights)
+                 stream=stream or "plain", token_weights=token_weights)
     return fingerprint(**parts), fingerprint_parts(**parts)
 
 
