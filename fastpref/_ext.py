@@ -13,11 +13,18 @@ import torch
 
 _module = None
 _missing_reason: str | None = None
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+def env_flag(name: str) -> bool:
+    """Whether environment variable ``name`` is set to a true value: 1/true/yes/on, any case, spaces ignored
+    (the same reading as setup.py's build switches)."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
 
 
 def _load() -> None:
     global _module, _missing_reason
-    if os.environ.get("FASTPREF_NO_EXT", "0") in {"1", "true", "yes", "on"}:
+    if env_flag("FASTPREF_NO_EXT"):
         _missing_reason = "disabled by FASTPREF_NO_EXT=1"
         return
     try:

@@ -94,7 +94,7 @@ def _train_and_report(device: str, model_name: str, steps: int, dpo_steps: int, 
     from fastpref.data.tiny_models import build_model
     from fastpref.data.tokenizer import build_tokenizer
     from fastpref.trainer import PreferenceTrainer
-    from fastpref.trainer.trainer import align_special_tokens
+    from fastpref.trainer.models import align_special_tokens
 
 
     tokenizer = build_tokenizer()

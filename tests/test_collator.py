@@ -9,6 +9,7 @@ import torch
 
 from fastpref.logps import oracle as logps_oracle
 from fastpref.logps import IGNORE_INDEX
+from fastpref.trainer.collator import StepCollator
 from fastpref.trainer.packing import PreferenceCollator, pack_sequences
 from fastpref.data import SR_DPO_REFINEMENT_PROMPT, load_preference_dataset, tokenize_pair
 from fastpref.data.tiny_models import build_model
@@ -39,7 +40,7 @@ def _random_features(rng: random.Random, count: int) -> list[dict]:
 def test_labels_shifted_and_masked_by_hand():
     features = [{"prompt_input_ids": [5, 6, 7], "chosen_input_ids": [8, 9], "rejected_input_ids": [10]},
                 {"prompt_input_ids": [11], "chosen_input_ids": [12, 13, 14], "rejected_input_ids": [15, 16]}]
-    batch = PreferenceCollator(pad_token_id=0)(features)
+    batch = PreferenceCollator()(features)
     x = IGNORE_INDEX
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 11, 12, 13, 14, 5, 6, 7, 10, 11, 15, 16]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2]]
@@ -53,7 +54,7 @@ def test_labels_shifted_and_masked_by_hand():
 def test_streams_follow_the_features(seed):
     rng = random.Random(seed)
     features = _random_features(rng, rng.randint(1, 6))
-    batch = PreferenceCollator(pad_token_id=0, with_augmented=True)(features)
+    batch = PreferenceCollator(with_augmented=True)(features)
     pairs = len(features)
     for prefix, prompt_key in (("", "prompt_input_ids"), ("aug_", "aug_prompt_input_ids")):
         ids, pos, labels = (batch[prefix + k][0].tolist() for k in ("input_ids", "position_ids", "labels"))
@@ -70,7 +71,7 @@ def test_streams_follow_the_features(seed):
 
 
 def test_augmented_stream_puts_p_before_the_query(tokenizer, demo_features):
-    batch = PreferenceCollator(tokenizer.pad_token_id, with_augmented=True)(demo_features)
+    batch = PreferenceCollator(with_augmented=True)(demo_features)
     bounds = batch["aug_cu_seqlens"].tolist()
     pairs = len(demo_features)
     for s in range(2 * pairs):
@@ -85,19 +86,28 @@ def test_augmented_stream_puts_p_before_the_query(tokenizer, demo_features):
 
 
 def test_per_pair_columns(demo_features):
-    features = [{**f, "example_index": 10 + i, "tau": 0.25 * i} for i, f in enumerate(demo_features[:4])]
-    features[2] = {k: v for k, v in features[2].items() if k != "score_rejected"}
-    batch = PreferenceCollator(pad_token_id=0)(features)
+    features = [{**f, "example_index": 10 + i, "tau": 0.25 * i, "weight": 1.5 - 0.5 * i}
+                for i, f in enumerate(demo_features[:4])]
+    batch = PreferenceCollator()(features)
     assert batch["score_chosen"].dtype == torch.float32
     assert batch["score_chosen"].tolist() == pytest.approx([f["score_chosen"] for f in features])
     assert batch["tau"].tolist() == [0.0, 0.25, 0.5, 0.75]
+    assert batch["weight"].tolist() == [1.5, 1.0, 0.5, 0.0]
     assert batch["example_index"].tolist() == [10, 11, 12, 13] and batch["example_index"].dtype == torch.long
-    assert "score_rejected" not in batch  # missing from one feature
     assert "aug_input_ids" not in batch
 
 
+@pytest.mark.parametrize("column", ["score_rejected", "weight"])
+def test_a_column_missing_from_some_features_is_refused(demo_features, column):
+    """A per-pair column given for some pairs of a batch only is an error, not silently left out of the batch."""
+    features = [{**f, "weight": 2.0} for f in demo_features[:4]]
+    features[2] = {**features[2], column: None}
+    with pytest.raises(ValueError, match=f"column '{column}' is missing .* in feature 2"):
+        PreferenceCollator()(features)
+
+
 def test_bad_features_raise_named_errors():
-    collator = PreferenceCollator(pad_token_id=0, with_augmented=True)
+    collator = PreferenceCollator(with_augmented=True)
     with pytest.raises(ValueError, match="features is empty"):
         collator([])
     with pytest.raises(ValueError, match="aug_prompt_input_ids"):
@@ -105,7 +115,7 @@ def test_bad_features_raise_named_errors():
     with pytest.raises(ValueError, match="'chosen_input_ids' is empty"):
         collator([{"prompt_input_ids": [1], "chosen_input_ids": [], "rejected_input_ids": [3]}])
     with pytest.raises(TypeError, match="pad_token_id"):
-        PreferenceCollator(pad_token_id=None)
+        StepCollator(None)
 
 
 def _alone_logps(model, sequence: list[int], prompt_len: int) -> float:
@@ -122,7 +132,7 @@ def test_packed_logps_equal_unpacked(name, tokenizer, demo_features):
     torch.manual_seed(0)
     model = build_model(name, len(tokenizer)).eval()
     features = demo_features[:3]
-    batch = PreferenceCollator(tokenizer.pad_token_id, with_augmented=True)(features)
+    batch = PreferenceCollator(with_augmented=True)(features)
     with torch.no_grad():
         for prefix, prompt_key in (("", "prompt_input_ids"), ("aug_", "aug_prompt_input_ids")):
             logits = model(input_ids=batch[prefix + "input_ids"], position_ids=batch[prefix + "position_ids"],

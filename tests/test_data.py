@@ -24,6 +24,7 @@ from fastpref.data import (
 )
 from fastpref.data import synthetic
 from fastpref.data.tiny_models import MODEL_NAMES, build_model
+from fastpref.data.tokenization import TRUNCATION_MODES, refinement_prefix_ids
 from fastpref.data.tokenizer import build_tokenizer
 
 
@@ -221,22 +222,54 @@ def test_augmented_standard_prompt(tokenizer):
 @pytest.mark.parametrize("max_length", [12, 16, 19, 25, 40])
 def test_keep_end_truncation(tokenizer, max_length):
     full = tokenize_pair(ROW, tokenizer, refinement_prompt="Be good. Query:", max_length=None)
-    out = tokenize_pair(ROW, tokenizer, refinement_prompt="Be good. Query:", max_length=max_length)
+    out = tokenize_pair(ROW, tokenizer, refinement_prompt="Be good. Query:", max_length=max_length,
+                        truncation_mode="keep_end")
     longest = max(len(full["chosen_input_ids"]), len(full["rejected_input_ids"]))
     kept = min(max(max_length - longest, 1), len(full["prompt_input_ids"]))
     assert out["prompt_input_ids"] == full["prompt_input_ids"][-kept:]
     for key in ("chosen_input_ids", "rejected_input_ids"):
         assert len(out["prompt_input_ids"]) + len(out[key]) <= max_length
         assert out[key] == full[key][: max_length - kept]
-    # The augmented prompt keeps p whole and ends with exactly the plain prompt's kept tokens.
-    if kept == len(full["prompt_input_ids"]):
-        assert out["aug_prompt_input_ids"] == full["aug_prompt_input_ids"]
-    else:
-        assert out["aug_prompt_input_ids"][-kept:] == out["prompt_input_ids"]
-        assert out["aug_prompt_input_ids"][0] != tokenizer.bos_token_id  # dropped like the plain prompt's bos
-    p_ids = tokenizer("Be good. Query:", add_special_tokens=False)["input_ids"]
+    # The augmented prompt keeps the bos and p whole (the prefix the trainer caches, even when the plain prompt
+    # lost its bos) and ends with exactly the plain prompt's kept tokens.
     aug = out["aug_prompt_input_ids"]
-    assert any(aug[i:i + len(p_ids)] == p_ids for i in range(len(aug)))
+    prefix = [tokenizer.bos_token_id, *tokenizer("Be good. Query:", add_special_tokens=False)["input_ids"]]
+    assert aug[:len(prefix)] == prefix
+    if kept == len(full["prompt_input_ids"]):
+        assert aug == full["aug_prompt_input_ids"]
+    else:
+        assert aug[-kept:] == out["prompt_input_ids"]
+
+
+def test_default_truncation_mode_is_trls(tokenizer):
+    """tokenize_pair and PreferenceConfig share TRL 1.16's DPOConfig default, keep_start."""
+    import inspect
+
+    from trl import DPOConfig
+
+    default = inspect.signature(tokenize_pair).parameters["truncation_mode"].default
+    assert default == DPOConfig.__dataclass_fields__["truncation_mode"].default == "keep_start"
+    assert TRUNCATION_MODES[0] == default
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_refinement_prefix_is_the_template_and_p(tokenizer, conversational):
+    """refinement_prefix_ids is bos (+ the chat template's user-turn opening) + p's tokens, whatever the queries,
+    and every augmented prompt tokenize_pair makes starts with it, also when truncation cuts the plain prompt's
+    start (its bos) or the query begins like p."""
+    p = "Be good. Query:"
+    prefix = refinement_prefix_ids(tokenizer, p, conversational=conversational)
+    opening = tokenizer("<|user|>", add_special_tokens=False)["input_ids"] if conversational else []
+    assert prefix == [tokenizer.bos_token_id, *opening, *tokenizer(p, add_special_tokens=False)["input_ids"]]
+    for query in ("Say fox and add 3+8.", "Be good and say 1.", "Query: 7", " spaced", "x"):
+        prompt = [{"role": "user", "content": query}] if conversational else query
+        row = {"prompt": prompt, "chosen": ROW["chosen"], "rejected": ROW["rejected"]}
+        if conversational:
+            row = {**row, "chosen": CHAT["chosen"], "rejected": CHAT["rejected"]}
+        for mode, max_length in (("keep_end", 14), ("keep_start", 1024), ("keep_end", None)):
+            aug = tokenize_pair(row, tokenizer, refinement_prompt=p, truncation_mode=mode,
+                                max_length=max_length)["aug_prompt_input_ids"]
+            assert aug[:len(prefix)] == prefix and len(aug) > len(prefix), (query, mode)
 
 
 @pytest.mark.parametrize("max_length", [14, 17, 30])

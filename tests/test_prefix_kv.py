@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from fastpref import preference_loss
 from fastpref.model.prefix_kv import CheckpointedCacheError, StepPrefixKV, compute_prefix_kv, frozen_forward
 from fastpref.model.tree_logps import augmented_tree_logps, tree_logps
-from fastpref.model.tree_stream import build_tree_batch, shared_prefix_length, strip_prefix, tree_batches_from_features
+from fastpref.data.tokenization import shared_prefix_length, strip_prefix
+from fastpref.model.tree_stream import build_tree_batch, tree_batches_from_features
 from tree_oracle import assert_grads_close, parameter_grads, random_ids, separate_logps, tiny_model
 
 BACKEND = "torch"

@@ -96,9 +96,35 @@ def test_dataset_fingerprint_sees_content_not_layout(tmp_path):
     assert dataset_fingerprint(datasets.load_from_disk(str(tmp_path / "ds"))) == dataset_fingerprint(dataset)
     assert dataset_fingerprint(dataset.select(range(49))) != dataset_fingerprint(dataset)
     assert dataset_fingerprint(dataset.select(list(range(1, 50)) + [0])) != dataset_fingerprint(dataset)
-    assert dataset_fingerprint(dataset, batch_size=7) == dataset_fingerprint(dataset, batch_size=7)
     with pytest.raises(TypeError):
         dataset_fingerprint("not a dataset")
+
+
+def test_dataset_fingerprint_is_independent_of_batch_size():
+    """The digest is taken row by row: reading 1, 7 or all rows at a time gives one fingerprint (a digest per
+    batch would differ), for a Dataset and for a list of rows; moving a value across rows still changes it."""
+    rows = generate(23, seed=2)
+    dataset = datasets.Dataset.from_list(rows)
+    for source in (dataset, rows):
+        prints = {dataset_fingerprint(source, batch_size=size) for size in (1, 7, 23, 1024)}
+        assert len(prints) == 1
+    assert dataset_fingerprint(dataset) != dataset_fingerprint(rows)  # the column names are part of a Dataset's
+    merged = [{**rows[0], "prompt": rows[0]["prompt"] + rows[1]["prompt"]}, {**rows[1], "prompt": ""}, *rows[2:]]
+    assert dataset_fingerprint(merged, batch_size=7) != dataset_fingerprint(rows, batch_size=7)
+
+
+def test_model_fingerprint_excludes_named_parameters(tokenizer):
+    """One model fingerprint: ``exclude`` leaves out parameters by name (a peft adapter), nothing else changes."""
+    torch.manual_seed(0)
+    model = build_model("tiny-llama", len(tokenizer))
+    base = model_fingerprint(model)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] += 1.0
+    assert model_fingerprint(model) != base
+    torch.manual_seed(0)
+    pristine = build_model("tiny-llama", len(tokenizer))
+    assert model_fingerprint(model, exclude=(".q_proj.",)) == model_fingerprint(pristine, exclude=(".q_proj.",))
+    assert model_fingerprint(model, exclude=(".k_proj.",)) != model_fingerprint(pristine, exclude=(".k_proj.",))
 
 
 def test_store_miss_save_hit_across_instances(tmp_path, parts):
@@ -183,6 +209,43 @@ def test_failed_write_keeps_the_old_file(tmp_path, parts, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(store.load(fp)["ref_chosen_logps"], _tensors(0)["ref_chosen_logps"])
     assert sorted(p.suffix for p in Path(tmp_path).iterdir()) == [".safetensors"]
+
+
+def test_stale_temp_files_are_removed_when_a_store_opens(tmp_path):
+    """Temps of a dead writer on this host, or older than STALE_TEMP_SECONDS, go; a live writer's stays."""
+    import subprocess
+    import sys
+    import time
+
+    from fastpref.trainer import ref_store
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead_pid = int(finished.stdout)
+    host = ref_store._HOST
+    dead = tmp_path / f".train-{host}-{dead_pid}-x1.tmp"
+    live = tmp_path / f".train-aug-{host}-{os.getpid()}-x2.tmp"
+    old = tmp_path / f".eval-otherhost-{os.getpid()}-x3.tmp"
+    foreign_fresh = tmp_path / f".eval-otherhost-{dead_pid}-x4.tmp"  # another host's pid cannot be checked here
+    unrelated = tmp_path / "notes.tmp"
+    for path in (dead, live, old, foreign_fresh, unrelated):
+        path.write_bytes(b"partial")
+    hour_ago = time.time() - 3600
+    os.utime(old, (hour_ago, hour_ago))
+    RefLogpsStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, foreign_fresh, unrelated))
+    store = RefLogpsStore(tmp_path / "absent")  # a directory that does not exist yet is no error
+    assert not store.cache_dir.exists()
+
+
+def test_check_writable_names_the_directory(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    store = RefLogpsStore(blocker / "cache")
+    with pytest.raises(OSError, match="ref_cache_dir .*a_file/cache.* is not writable"):
+        store.check_writable()
+    RefLogpsStore(tmp_path / "fine").check_writable()
+    assert list((tmp_path / "fine").iterdir()) == []  # the probe is gone
 
 
 def test_bad_arguments(tmp_path):

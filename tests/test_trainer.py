@@ -51,7 +51,7 @@ def test_sequence_logps_contract_signature():
 
     model = tiny_model()
     features = [tokenize_pair(row, TOKENIZER) for row in demo_rows("train", 3)]
-    batch = PreferenceCollator(TOKENIZER.pad_token_id)(features)
+    batch = PreferenceCollator()(features)
     out = sequence_logps(model, batch["input_ids"], batch["position_ids"], batch["labels"], batch["cu_seqlens"])
     chosen, rejected = oracle_pair_logps(model, features)
     torch.testing.assert_close(out.logps.double(), torch.cat([chosen, rejected]), rtol=1e-5, atol=1e-4)

@@ -12,7 +12,7 @@ import torch
 from trainer_helpers import TOKENIZER, config, demo_rows, oracle_pair_logps, tiny_model
 
 from fastpref import PreferenceConfig, PreferenceTrainer
-from fastpref.model.tree_stream import FlashAttentionTreeError, UnsafeAttentionError
+from fastpref.model.attention import FlashAttentionTreeError, UnsafeAttentionError
 
 LOSSES = {"sigmoid": dict(loss_type="sigmoid"), "sr_dpo": dict(loss_type="sr_dpo", refinement="prompt"),
           "sr_dpo_naive": dict(loss_type="sr_dpo", refinement="naive"),
@@ -158,7 +158,7 @@ def test_tree_longer_than_a_sliding_window_is_refused(tmp_path):
     """A custom 4D mask replaces the sliding window: a tree stream reaching beyond it raises by name (here in the
     reference precompute at construction)."""
     from fastpref.data.tiny_models import build_model
-    from fastpref.model.tree_stream import SlidingWindowTreeError
+    from fastpref.model.attention import SlidingWindowTreeError
 
     model = build_model("tiny-gemma2", vocab_size=len(TOKENIZER), sliding_window=8)
     with pytest.raises(SlidingWindowTreeError, match="sliding window of 8"):
@@ -187,7 +187,7 @@ def test_tree_with_an_attention_that_cannot_express_it_is_refused(attention, err
     ("sdpa", "tree", True, "tree"),
 ])
 def test_auto_layout_resolution(attention, stream_layout, padding_free, expected, tmp_path):
-    from fastpref.trainer.trainer import resolve_stream_layout
+    from fastpref.trainer.models import resolve_stream_layout
 
     model = tiny_model()
     model.config._attn_implementation = attention

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fastpref.model.tree_logps import tree_logps
-from fastpref.model.tree_stream import (CHOSEN, PROMPT, REJECTED, EagerBooleanMaskError, FlashAttentionTreeError,
-                                  PackedCacheError, SlidingWindowTreeError, TreeWithoutMaskError,
-                                  attention_mask_for, build_tree_batch, check_attention_inputs,
-                                  positions_are_packed, positions_are_tree, tree_additive_mask,
-                                  tree_attention_mask, tree_block_mask)
+from fastpref.model.attention import (EagerBooleanMaskError, FlashAttentionTreeError, PackedCacheError,
+                                      SlidingWindowTreeError, TreeWithoutMaskError, check_attention_inputs,
+                                      positions_are_packed, positions_are_tree)
+from fastpref.model.tree_stream import (CHOSEN, PROMPT, REJECTED, attention_mask_for, build_tree_batch,
+                                        tree_additive_mask, tree_attention_mask, tree_block_mask)
 from tree_oracle import assert_grads_close, parameter_grads, random_ids, separate_logps, tiny_model
 
 BACKEND = "torch"  # the log-prob kernels have their own tests; here the model plumbing is under test

@@ -17,24 +17,60 @@ Truncation, so that prompt + longer response ≤ ``max_length`` (the prompt is s
    alone leaves no room for one prompt token are the responses cut (at their end) as well.
    ``keep_start``: the sequence start is kept — the responses are cut at their end; a prompt that fills
    ``max_length`` by itself leaves empty responses, which raises ``ValueError`` (TRL drops such rows).
-3. The augmented prompt keeps p whole and keeps each prompt token that it shares with the plain prompt exactly
-   when the plain prompt kept it, so both streams score the same responses after the same query tokens.
+3. The augmented prompt keeps everything before the query tokens it shares with the plain prompt whole (the
+   template tokens before p, p, and any token merged across the joint) and keeps each shared query token exactly
+   when the plain prompt kept it, so both streams score the same responses after the same query tokens, and
+   every augmented prompt starts with :func:`refinement_prefix_ids` (the prefix whose keys/values the trainer
+   caches).
+
+:func:`shared_prefix_length` and :func:`strip_prefix` are the token-list helpers of that shared prefix.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastpref.data.loading import extract_prompt, is_conversational
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
+#: Truncation modes of :func:`tokenize_pair` and ``PreferenceConfig.truncation_mode``; the first is TRL 1.16's
+#: ``DPOConfig`` default.
+TRUNCATION_MODES = ("keep_start", "keep_end")
+# Queries that differ in their first character: the tokens their augmented prompts share are p's and the
+# template's (a token that merges p's end with the query differs between them).
+_PROBE_QUERIES = ("0", "a", "Z", "?", "(", " x", "\n", "\u00e9")
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common token prefix of ``sequences`` (e.g. the pairs' augmented prompts)."""
+    if len(sequences) == 0:
+        raise ValueError("sequences is empty")
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for i in range(length):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return length
+
+
+def strip_prefix(aug_prompt_ids: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[list[int]]:
+    """The pairs' augmented prompts without the shared prefix (what the augmented stream after a cached prefix
+    holds).
+
+    Raises ValueError naming the pair whose prompt does not start with the prefix or has nothing after it (the
+    prompt's last row must be in the stream: it predicts the first response token).
+    """
+    ids = list(prefix_ids)
+    stripped = []
+    for i, prompt in enumerate(aug_prompt_ids):
+        if list(prompt[:len(ids)]) != ids:
+            raise ValueError(f"aug_prompt_ids[{i}] does not start with the cached prefix ({len(ids)} tokens: the "
+                             "template tokens before the refinement prompt and the prompt itself); a system message "
+                             "or earlier turns before the query move p: set cache_refinement_prefix=False")
+        if len(prompt) <= len(ids):
+            raise ValueError(f"aug_prompt_ids[{i}] has no token after the cached prefix")
+        stripped.append(list(prompt[len(ids):]))
+    return stripped
 
 
 def _common_suffix(a: list[int], b: list[int], limit: int) -> int:
@@ -64,6 +100,25 @@ def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _augmented_prompt(tokenizer, refinement_prompt: str, prompt: str | list[dict]) -> list[int]:
+    """Token ids of p ⊕ x for a standard (string) or conversational (messages) prompt, untruncated."""
+    if isinstance(prompt, str):
+        return tokenizer(_augment_text(refinement_prompt, prompt))["input_ids"]
+    return _render(tokenizer, _augment_messages(refinement_prompt, prompt), generation_prompt=True)
+
+
+def refinement_prefix_ids(tokenizer, refinement_prompt: str, *, conversational: bool = False) -> list[int]:
+    """The token ids every augmented prompt of :func:`tokenize_pair` starts with: the fixed template tokens before
+    the refinement prompt p (a bos; for conversational data the chat template's opening of a first user turn) and
+    p's tokens, without a last token that merges with the query. Computed from the tokenizer and p alone (the
+    common prefix of the augmented prompts of queries that differ in their first character), never from data."""
+    def probe(query: str):
+        return [{"role": "user", "content": query}] if conversational else query
+
+    augmented = [_augmented_prompt(tokenizer, refinement_prompt, probe(q)) for q in _PROBE_QUERIES]
+    return augmented[0][:shared_prefix_length(augmented)]
+
+
 def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None):
     """(prompt ids, prompt+chosen ids, prompt+rejected ids, augmented prompt ids or None), untruncated."""
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
@@ -77,9 +132,7 @@ def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None):
         ids = (_render(tokenizer, prompt, generation_prompt=True),
                _render(tokenizer, prompt + chosen, generation_prompt=False),
                _render(tokenizer, prompt + rejected, generation_prompt=False))
-        aug = None
-        if refinement_prompt is not None:
-            aug = _render(tokenizer, _augment_messages(refinement_prompt, prompt), generation_prompt=True)
+        aug = None if refinement_prompt is None else _augmented_prompt(tokenizer, refinement_prompt, prompt)
         return (*ids, aug)
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(example[key], str):
@@ -88,7 +141,7 @@ def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None):
     chosen = chosen if chosen.endswith(eos) else chosen + eos
     rejected = rejected if rejected.endswith(eos) else rejected + eos
     ids = tuple(tokenizer(text)["input_ids"] for text in (prompt, prompt + chosen, prompt + rejected))
-    aug = None if refinement_prompt is None else tokenizer(_augment_text(refinement_prompt, prompt))["input_ids"]
+    aug = None if refinement_prompt is None else _augmented_prompt(tokenizer, refinement_prompt, prompt)
     return (*ids, aug)
 
 
@@ -110,20 +163,18 @@ def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_len
 
 
 def _augmented_kept(plain: list[int], aug: list[int], kept: range) -> list[int]:
-    """The augmented prompt restricted like the plain one: the tokens it shares with the plain prompt at its
-    start and end follow the plain prompt's truncation; the differing middle (holding p) is kept whole."""
-    head = _common_prefix(plain, aug)
+    """The augmented prompt restricted like the plain one: the query tokens it shares with the plain prompt at its
+    end follow the plain prompt's truncation; everything before them (template, p, merged tokens) is kept whole."""
+    head = shared_prefix_length([plain, aug])
     tail = _common_suffix(plain, aug, min(len(plain), len(aug)) - head)
     shift = len(aug) - len(plain)
-    kept_head = [aug[i] for i in range(head) if i in kept]
-    middle = aug[head:len(aug) - tail]
     kept_tail = [aug[i + shift] for i in range(len(plain) - tail, len(plain)) if i in kept]
-    return kept_head + middle + kept_tail
+    return aug[:len(aug) - tail] + kept_tail
 
 
 def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str | None = None,
                   max_length: int | None = 1024, max_prompt_length: int | None = None,
-                  truncation_mode: str = "keep_end") -> dict[str, list[int]]:
+                  truncation_mode: str = TRUNCATION_MODES[0]) -> dict[str, list[int]]:
     """Tokenize a preference example (standard or conversational, explicit or implicit prompt).
 
     Returns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int; the sequences are
@@ -140,7 +191,7 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
         raise ValueError(f"refinement_prompt must be None or a non-empty string, got {refinement_prompt!r}")
     example = extract_prompt(example)
     prompt_full, chosen_full, rejected_full, aug_full = _tokenize_texts(example, tokenizer, refinement_prompt)
-    prompt_len = min(_common_prefix(prompt_full, chosen_full), _common_prefix(prompt_full, rejected_full))
+    prompt_len = min(shared_prefix_length([prompt_full, full]) for full in (chosen_full, rejected_full))
     prompt, chosen, rejected = prompt_full[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:]
     if not prompt:
         raise ValueError("empty prompt: the first response token needs a prompt token to predict it "

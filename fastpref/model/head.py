@@ -27,9 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fastpref.logps.api import LogpsOutput, linear_logps
-
-from fastpref.logps.inputs import IGNORE_INDEX
+from fastpref.logps import IGNORE_INDEX, LogpsOutput, linear_logps, sequence_sums
+from fastpref.logps.inputs import LogpsProblem
 
 # Config attributes by which some architectures rescale logits after lm_head in ways the fused op does not mirror.
 _UNSUPPORTED_LOGIT_POSTPROCESSING = ("logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -104,9 +103,12 @@ def _output_head(causal_lm: torch.nn.Module) -> torch.nn.Linear:
     return head
 
 
-def _segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    prefix = F.pad(values.double().cumsum(0), (1, 0))
-    return (prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]).to(values.dtype)
+def _per_sequence_sums(values: torch.Tensor, rows: KeptRows) -> torch.Tensor:
+    """Σ of per-row ``values`` [n] over each kept sequence (:func:`fastpref.logps.sequence_sums`)."""
+    problem = LogpsProblem(rows=values[:, None], labels=rows.labels, token_weights=None, cu_seqlens=rows.cu_seqlens,
+                           label_shape=rows.labels.shape, padded=False, ignore_index=IGNORE_INDEX, temperature=1.0,
+                           softcap=None)
+    return sequence_sums(values, problem)
 
 
 @torch.no_grad()
@@ -144,7 +146,7 @@ def _fused_head(causal_lm: torch.nn.Module, rows: KeptRows, token_weights: torch
         holder["counts"] = result.counts
         if wpo:
             aligned = result.token_logps.detach() - log_sum_sq_probs(hidden, head.weight, head.bias, softcap)
-            holder["wpo"] = _segment_sums(aligned, rows.cu_seqlens) / result.counts.clamp(min=1)
+            holder["wpo"] = _per_sequence_sums(aligned, rows) / result.counts.clamp(min=1)
         return result.logps
 
     head.forward = fused_forward

@@ -14,7 +14,7 @@ visible to every row. A fresh cache per call matters: transformers appends the n
 
 transformers 5.23 facts this relies on (verified by tests/test_prefix_kv.py and tests/test_tree_stream.py): a
 4D mask is used as given when a cache is passed (packing by position_ids is not:
-:class:`fastpref.model.tree_stream.PackedCacheError`); a ``DynamicCache`` built from stored tensors concatenates rather
+:class:`fastpref.model.attention.PackedCacheError`); a ``DynamicCache`` built from stored tensors concatenates rather
 than writes in place, so the stored prefix is never modified; gradient checkpointing in train mode drops the
 cache with only a warning (what follows depends on the model: Llama then fails on the mask's shape), so the
 cached passes run in eval mode (:func:`frozen_forward`) and a train-mode checkpointed model with a cache is
@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from fastpref.model.tree_stream import UnsafeAttentionError
+from fastpref.model.attention import UnsafeAttentionError
 
 
 class CheckpointedCacheError(UnsafeAttentionError):

@@ -22,7 +22,8 @@ from transformers import DynamicCache
 
 from fastpref.model.head import KeptRows, stream_logps
 from fastpref.model.prefix_kv import PrefixKV, check_cache_forward, frozen_forward
-from fastpref.model.tree_stream import TreeBatch, attention_mask_for, check_attention_inputs
+from fastpref.model.attention import check_attention_inputs
+from fastpref.model.tree_stream import TreeBatch, attention_mask_for
 
 
 class TreeLogps(NamedTuple):
@@ -65,7 +66,7 @@ def tree_forward_inputs(model: torch.nn.Module, tree: TreeBatch, *, prefix: Pref
                         attention_mask=None) -> tuple[object, DynamicCache | None]:
     """The ``attention_mask`` (the tree mask in the form ``model``'s attention reads) and ``past_key_values`` (a fresh
     cache holding ``prefix``, or None) of a forward over ``tree``, after refusing unsafe combinations by name
-    (:func:`fastpref.model.tree_stream.check_attention_inputs`; a cached prefix with gradient enabled is a ValueError).
+    (:func:`fastpref.model.attention.check_attention_inputs`; a cached prefix with gradient enabled is a ValueError).
 
     ``model`` is the transformers model itself (or its peft wrapper), whose ``config`` names the attention.
     """

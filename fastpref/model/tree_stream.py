@@ -19,10 +19,8 @@ hidden rows; its backward sums the two contributions of a shared row, so no tran
 
 Masks: :func:`tree_attention_mask` (4D boolean, True = attend; what sdpa takes), :func:`tree_additive_mask`
 (4D float, 0 / dtype-min; what eager attention takes), :func:`tree_block_mask` (flex_attention ``BlockMask``;
-what to use on CUDA), and :func:`attention_mask_for` picks by the model's attention implementation.
-
-Combinations that run without error in transformers 5.23 but compute the wrong thing are refused by
-:func:`check_attention_inputs` with a named :class:`UnsafeAttentionError` subclass (see each class).
+what to use on CUDA), and :func:`attention_mask_for` picks by the model's attention implementation. The errors
+for attention setups that would silently mix sequences live in :mod:`fastpref.model.attention`.
 """
 
 from __future__ import annotations
@@ -32,37 +30,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastpref.logps.inputs import IGNORE_INDEX
+from fastpref.data.tokenization import strip_prefix
+from fastpref.model.attention import FlashAttentionTreeError, UnsafeAttentionError, attention_implementation
 
 PROMPT, CHOSEN, REJECTED = 0, 1, 2  # role ids of a row
-
-
-class UnsafeAttentionError(ValueError):
-    """A forward configuration that transformers would run silently and wrongly."""
-
-
-class EagerBooleanMaskError(UnsafeAttentionError):
-    """Eager attention ADDS the 4D mask to the scores: a boolean mask adds 1/0 instead of masking (no error)."""
-
-
-class TreeWithoutMaskError(UnsafeAttentionError):
-    """A tree stream passed with position_ids alone: transformers only splits sequences where positions restart
-    at 0, so y_l (positions continuing from x) would attend to y_w."""
-
-
-class FlashAttentionTreeError(UnsafeAttentionError):
-    """flash_attention_2/3 ignore a custom 4D mask (they derive sequences from position_ids or a 2D padding
-    mask), so a tree cannot be expressed with stock flash attention."""
-
-
-class PackedCacheError(UnsafeAttentionError):
-    """Packing by position_ids with a KV cache: transformers turns packed-sequence detection off when a cache
-    is given, so the packed sequences would attend to each other."""
-
-
-class SlidingWindowTreeError(UnsafeAttentionError):
-    """A custom 4D mask replaces the sliding-window mask on every layer; sequences longer than the window would
-    see too far back."""
 
 
 @dataclass(frozen=True)
@@ -167,35 +138,6 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
     )
 
 
-def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common token prefix of ``sequences`` (e.g. the pairs' augmented prompts)."""
-    if len(sequences) == 0:
-        raise ValueError("sequences is empty")
-    first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for i in range(length):
-        if any(s[i] != first[i] for s in sequences):
-            return i
-    return length
-
-
-def strip_prefix(aug_prompt_ids: Sequence[Sequence[int]], prefix_ids: Sequence[int]) -> list[list[int]]:
-    """The pairs' augmented prompts without the shared prefix (what the augmented tree is built from).
-
-    Raises ValueError naming the pair whose prompt does not start with the prefix or has nothing after it (the
-    prompt's last row must be in the stream: it predicts the first response token).
-    """
-    ids = list(prefix_ids)
-    stripped = []
-    for i, prompt in enumerate(aug_prompt_ids):
-        if list(prompt[:len(ids)]) != ids:
-            raise ValueError(f"aug_prompt_ids[{i}] does not start with the cached prefix")
-        if len(prompt) <= len(ids):
-            raise ValueError(f"aug_prompt_ids[{i}] has no token after the cached prefix")
-        stripped.append(list(prompt[len(ids):]))
-    return stripped
-
-
 def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence[int] | None = None
                                 ) -> tuple[TreeBatch, TreeBatch | None]:
     """The plain tree and (with ``prefix_ids``) the augmented tree of a micro-batch of tokenized pairs.
@@ -204,7 +146,7 @@ def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence
     augmented tree, ``aug_prompt_input_ids`` (the output of :func:`fastpref.data.tokenize_pair`). The augmented
     tree holds each aug prompt without the shared ``prefix_ids`` (whose keys/values are cached, see
     :mod:`fastpref.model.prefix_kv`), positions offset by its length. Take ``prefix_ids`` once for the whole dataset,
-    e.g. ``aug[:shared_prefix_length(all aug prompts)]``, so every micro-batch reuses the same cached prefix.
+    e.g. :func:`fastpref.data.tokenization.refinement_prefix_ids`, so every micro-batch reuses the same cached prefix.
     """
     prompts = [f["prompt_input_ids"] for f in features]
     chosen = [f["chosen_input_ids"] for f in features]
@@ -269,15 +211,6 @@ def tree_block_mask(tree: TreeBatch, *, prefix_length: int = 0, block_size: int 
                              device=pair_ids.device, BLOCK_SIZE=block_size)
 
 
-def attention_implementation(model: torch.nn.Module) -> str:
-    """The attention implementation name of a (possibly peft-wrapped) transformers model."""
-    config = getattr(model, "config", None)
-    name = getattr(config, "_attn_implementation", None)
-    if name is None:
-        raise TypeError(f"{type(model).__name__} has no config._attn_implementation: not a transformers model")
-    return name
-
-
 def attention_mask_for(model: torch.nn.Module, tree: TreeBatch, *, prefix_length: int = 0):
     """The tree mask in the form ``model``'s attention implementation reads correctly.
 
@@ -297,66 +230,3 @@ def attention_mask_for(model: torch.nn.Module, tree: TreeBatch, *, prefix_length
             "masks); load the model with attn_implementation='sdpa' or 'flex_attention'")
     raise UnsafeAttentionError(f"attn_implementation={name!r} is not known to honour a custom 4D mask; use "
                                "'sdpa', 'eager' or 'flex_attention'")
-
-
-def positions_are_tree(position_ids: torch.Tensor) -> bool:
-    """Whether packed ``position_ids`` [1, L] jump to a non-zero value somewhere (a tree, not plain packing).
-
-    Reads tensor values: call it on CPU tensors (in the collator), not in the training step.
-    """
-    flat = position_ids.reshape(-1)
-    jumps = flat[1:] != flat[:-1] + 1
-    return bool((jumps & (flat[1:] != 0)).any())
-
-
-def positions_are_packed(position_ids: torch.Tensor) -> bool:
-    """Whether ``position_ids`` [1, L] restart somewhere (several sequences in one row). CPU-side, like above."""
-    flat = position_ids.reshape(-1)
-    return bool((flat[1:] != flat[:-1] + 1).any())
-
-
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if window is None:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
-def check_attention_inputs(model: torch.nn.Module, *, attention_mask, position_ids: torch.Tensor | None,
-                           past_key_values=None, tree: TreeBatch | None = None) -> None:
-    """Refuse, by a named :class:`UnsafeAttentionError`, forwards that transformers 5.23 would get silently wrong.
-
-    ``tree`` is the :class:`TreeBatch` the inputs come from (None for a plain stream). Values of
-    ``position_ids`` are only read when they live on the CPU (no host sync on an accelerator).
-    """
-    name = attention_implementation(model)
-    is_4d = attention_mask is not None and len(attention_mask.shape) == 4
-    if name == "eager" and is_4d and isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool:
-        raise EagerBooleanMaskError(
-            "eager attention adds the 4D attention_mask to the scores, so a boolean mask is silently wrong; pass "
-            "an additive float mask (tree_additive_mask) or use attn_implementation='sdpa'")
-    if (past_key_values is not None and attention_mask is None and position_ids is not None
-            and (tree is not None or (position_ids.device.type == "cpu" and positions_are_packed(position_ids)))):
-        raise PackedCacheError(
-            "position_ids packing is ignored when a KV cache is given (the packed sequences would see each "
-            "other); pass a 4D attention_mask")
-    is_tree = tree is not None or (attention_mask is None and position_ids is not None
-                                   and position_ids.device.type == "cpu" and positions_are_tree(position_ids))
-    if is_tree and "flash" in name:
-        raise FlashAttentionTreeError(
-            f"attn_implementation={name!r} cannot express a tree (stock flash attention ignores custom 4D masks)")
-    if is_tree and attention_mask is None:
-        raise TreeWithoutMaskError(
-            "a tree stream needs its 4D attention_mask (attention_mask_for): position_ids alone only separate "
-            "sequences that restart at 0, so y_l would attend to y_w")
-    if tree is not None:
-        window = _sliding_window(getattr(model, "config", None))
-        if window is not None and tree.max_position > window:
-            raise SlidingWindowTreeError(
-                f"the model attends through a sliding window of {window} tokens, and a custom 4D mask replaces "
-                f"it; this stream reaches position {tree.max_position - 1}")

@@ -24,12 +24,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastpref.trainer.packing import PreferenceCollator, _token_list
+from fastpref.data.tokenization import strip_prefix
 from fastpref.logps.inputs import IGNORE_INDEX
 from fastpref.model.head import KeptRows, kept_rows
 from fastpref.model.tree_stream import TreeBatch, build_tree_batch
+from fastpref.trainer.packing import PreferenceCollator, _token_list
 
 STREAM_PREFIXES = ("", "aug_")
+#: How a micro-batch reaches the model (``PreferenceConfig.stream_layout`` adds "auto").
 STREAM_LAYOUTS = ("padded", "packed", "tree")
 _PACKED_STREAM_KEYS = frozenset(f"{prefix}{key}" for prefix in STREAM_PREFIXES
                                 for key in ("input_ids", "position_ids", "labels", "cu_seqlens"))
@@ -69,8 +71,10 @@ class StepCollator:
         layout = layout or ("packed" if padding_free else "padded")
         if layout not in STREAM_LAYOUTS:
             raise ValueError(f"layout must be one of {STREAM_LAYOUTS}, got {layout!r}")
+        if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
+            raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
         # The tree layout takes only the per-pair columns from the packer.
-        self.packer = PreferenceCollator(pad_token_id, with_augmented=with_augmented and layout != "tree")
+        self.packer = PreferenceCollator(with_augmented=with_augmented and layout != "tree")
         self.pad_token_id = pad_token_id
         self.with_augmented = with_augmented
         self.layout = layout
@@ -80,7 +84,8 @@ class StepCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if self.with_augmented and self.aug_prefix is not None:
-            features = [self._strip_prefix(i, f) for i, f in enumerate(features)]
+            stripped = strip_prefix([f["aug_prompt_input_ids"] for f in features], self.aug_prefix)
+            features = [{**f, "aug_prompt_input_ids": aug} for f, aug in zip(features, stripped, strict=True)]
         packed = self.packer(features)
         batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
         for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
@@ -101,14 +106,6 @@ class StepCollator:
         if self.ld_alpha is not None:
             out[f"{prefix}kept_token_weights"] = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
         return out
-
-    def _strip_prefix(self, index: int, feature: dict) -> dict:
-        aug = feature["aug_prompt_input_ids"]
-        length = len(self.aug_prefix)
-        if tuple(aug[:length]) != self.aug_prefix or len(aug) <= length:
-            raise ValueError(f"feature {index}: aug_prompt_input_ids does not start with the cached refinement "
-                             "prefix followed by at least one token")
-        return {**feature, "aug_prompt_input_ids": aug[length:]}
 
     def _stream(self, prefix: str, packed: dict) -> dict[str, torch.Tensor]:
         input_ids, labels = packed[f"{prefix}input_ids"], packed[f"{prefix}labels"]

@@ -9,11 +9,8 @@ Differences from ``DPOConfig`` (documented, deliberate):
   ``"auto"``: ``"tree"`` with attn_implementation flex_attention on CUDA (its ``BlockMask`` skips masked blocks),
   ``"packed"`` with flash_attention_2/3 (varlen kernels), ``"padded"`` otherwise. With sdpa/eager, transformers
   builds a dense [L, L] mask for a packed or tree stream, so its attention costs O((Σ lengths)²) instead of
-  O(Σ length²): measured on the CPU demo shapes (16 sequences of ~95 tokens, tiny Llama, no-grad forward)
-  packed 37.7 ms vs padded 7.8 ms. A whole micro-step (compute_loss + backward, tiny Llama, demo data, sdpa,
-  1 CPU thread, median over batches of the best of 7): batch 8 sigmoid padded 9.2 / tree 10.5 / packed
-  13.7 ms, Sr-DPO 14.0 / 15.7 / 18.4 ms; batch 32 sigmoid 25.8 / 77.0 / 118.2 ms, Sr-DPO 36.2 / 106.3 / 128.1 ms,
-  although the tree feeds 26% fewer tokens than padded (the prompt once, no padding).
+  O(Σ length²): on CPU with sdpa the padded layout is usually the fastest although the tree feeds fewer tokens
+  (the prompt once, no padding); ``benchmarks/bench_layouts_cpu.py`` measures it.
   "tree" needs an attention that honours a 4D mask: sdpa (boolean mask), eager (additive float mask) or
   flex_attention (``BlockMask``); flash_attention_2/3 raise ``FlashAttentionTreeError``, unknown ones
   ``UnsafeAttentionError`` (both ``ValueError``), at the trainer's construction.
@@ -40,11 +37,12 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
+from fastpref.data.tokenization import TRUNCATION_MODES
+from fastpref.losses.table import REFINEMENTS
+from fastpref.trainer.collator import STREAM_LAYOUTS as COLLATED_LAYOUTS
+from fastpref.trainer.ref_store import MISMATCH_POLICIES
 
-REFINEMENT_MODES = ("prompt", "naive")
-TRUNCATION_MODES = ("keep_start", "keep_end")
-STREAM_LAYOUTS = ("auto", "padded", "packed", "tree")
-ON_MISMATCH = ("recompute", "raise")
+STREAM_LAYOUTS = ("auto", *COLLATED_LAYOUTS)
 
 
 @dataclass
@@ -80,7 +78,7 @@ class PreferenceConfig(TrainingArguments):
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Maximum prompt length before max_length applies; None: no limit."})
     truncation_mode: str = field(
-        default="keep_start", metadata={"help": "Truncation when a sequence exceeds max_length.",
+        default=TRUNCATION_MODES[0], metadata={"help": "Truncation when a sequence exceeds max_length.",
                                          "choices": list(TRUNCATION_MODES)})
     stream_layout: str = field(
         default="auto", metadata={"help": "How a micro-batch reaches the model: 'padded', 'packed' (position_ids), "
@@ -100,7 +98,7 @@ class PreferenceConfig(TrainingArguments):
         default="fastpref_ref_cache", metadata={"help": "Directory of the reference log-prob cache."})
     ref_cache_on_mismatch: str = field(
         default="recompute", metadata={"help": "When the dataset/model/settings changed since the cache was written: "
-                                               "'recompute' it or 'raise'.", "choices": list(ON_MISMATCH)})
+                                               "'recompute' it or 'raise'.", "choices": list(MISMATCH_POLICIES)})
 
     # Loss.
     loss_type: list[str] = field(
@@ -131,7 +129,7 @@ class PreferenceConfig(TrainingArguments):
     refinement: str = field(
         default="prompt", metadata={"help": "Δ of sr_dpo/sr_ipo: 'prompt' (forward pass with the refinement "
                                             "prompt, no grad) or 'naive' (the plain implicit reward, stop-gradient).",
-                                    "choices": list(REFINEMENT_MODES)})
+                                    "choices": list(REFINEMENTS)})
     refinement_prompt: str = field(
         default=SR_DPO_REFINEMENT_PROMPT, metadata={"help": "Refinement prompt p placed before the query."})
     refine_lambda: float = field(default=0.5, metadata={"help": "λ weighting the refinement term Δ."})
@@ -170,10 +168,11 @@ class PreferenceConfig(TrainingArguments):
                 and self.padding_free != (self.stream_layout != "padded"):
             raise ValueError(f"padding_free={self.padding_free} contradicts stream_layout={self.stream_layout!r}; "
                              "set one of them (padding_free=True means 'packed' or 'tree', False means 'padded')")
-        if self.refinement not in REFINEMENT_MODES:
-            raise ValueError(f"refinement must be one of {REFINEMENT_MODES}, got {self.refinement!r}")
-        if self.ref_cache_on_mismatch not in ON_MISMATCH:
-            raise ValueError(f"ref_cache_on_mismatch must be one of {ON_MISMATCH}, got {self.ref_cache_on_mismatch!r}")
+        if self.refinement not in REFINEMENTS:
+            raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
+        if self.ref_cache_on_mismatch not in MISMATCH_POLICIES:
+            raise ValueError(f"ref_cache_on_mismatch must be one of {MISMATCH_POLICIES}, "
+                             f"got {self.ref_cache_on_mismatch!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
         super().__post_init__()
@@ -190,10 +189,6 @@ class PreferenceConfig(TrainingArguments):
             warnings.warn("use_logits_to_keep is deprecated: fastpref always runs the head on completion rows only",
                           FutureWarning, stacklevel=4)
             self.use_logits_to_keep = None
-
-    @property
-    def loss_types(self) -> tuple[str, ...]:
-        return tuple(self.loss_type)
 
     @property
     def uses_refinement(self) -> bool:

@@ -14,8 +14,9 @@ Run the model with ``attention_mask=None``, the ``position_ids`` and ``use_cache
 detects the packed sequences from the restarting positions and keeps them apart. With ``with_augmented`` the
 same four tensors, prefixed ``aug_``, hold the Sr-DPO streams (p ⊕ x, y_w) and (p ⊕ x, y_l).
 
-Per-pair columns present in every feature come along as float32 [B] tensors (``score_chosen``,
-``score_rejected``, ``tau``, ``offset``, reference log-probs) and ``example_index`` as int64 [B].
+Per-pair columns (:data:`fastpref.trainer.columns.PAIR_FLOAT_COLUMNS`: scores, ``tau``, ``offset``, ``weight``,
+reference log-probs) come along as float32 [B] tensors and ``example_index`` as int64 [B]; a column that some
+features of the batch lack (or hold None) is refused, never dropped.
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from typing import Any
 import torch
 
 from fastpref.logps.inputs import IGNORE_INDEX
-PAIR_FLOAT_COLUMNS = ("score_chosen", "score_rejected", "tau", "offset", "ref_chosen_logps",
-                      "ref_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")
+from fastpref.trainer.columns import INDEX_COLUMN, PAIR_FLOAT_COLUMNS
 
 
 def _token_list(feature: dict[str, Any], key: str, index: int) -> list[int]:
@@ -62,17 +62,28 @@ def pack_sequences(prompts: Sequence[list[int]], responses: Sequence[list[int]])
     }
 
 
+def pair_columns(features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The per-pair columns of a batch as [B] tensors; a column present in some features only is a ValueError."""
+    out = {}
+    for column in (*PAIR_FLOAT_COLUMNS, INDEX_COLUMN):
+        present = [f.get(column) is not None for f in features]
+        if not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"column {column!r} is missing (or None) in feature {present.index(False)} of the batch "
+                             "but given in others: give it for every pair, or for none")
+        dtype = torch.long if column == INDEX_COLUMN else torch.float32
+        out[column] = torch.tensor([f[column] for f in features], dtype=dtype)
+    return out
+
+
 class PreferenceCollator:
     """Collate tokenized preference pairs into padding-free packed streams (see the module docstring).
 
-    ``pad_token_id`` is kept for the trainer's interface (a packed stream needs no padding);
     ``with_augmented`` adds the Sr-DPO streams built from each feature's ``aug_prompt_input_ids``.
     """
 
-    def __init__(self, pad_token_id: int, *, with_augmented: bool = False):
-        if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool):
-            raise TypeError(f"pad_token_id must be an int, got {type(pad_token_id).__name__}")
-        self.pad_token_id = pad_token_id
+    def __init__(self, *, with_augmented: bool = False):
         self.with_augmented = with_augmented
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -86,9 +97,5 @@ class PreferenceCollator:
             aug_prompts = [_token_list(f, "aug_prompt_input_ids", i) for i, f in enumerate(features)]
             augmented = pack_sequences(aug_prompts + aug_prompts, chosen + rejected)
             batch.update({f"aug_{key}": value for key, value in augmented.items()})
-        for column in PAIR_FLOAT_COLUMNS:
-            if all(f.get(column) is not None for f in features):
-                batch[column] = torch.tensor([float(f[column]) for f in features], dtype=torch.float32)
-        if all(f.get("example_index") is not None for f in features):
-            batch["example_index"] = torch.tensor([int(f["example_index"]) for f in features], dtype=torch.long)
+        batch.update(pair_columns(features))
         return batch

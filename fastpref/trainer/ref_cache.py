@@ -4,8 +4,10 @@ One inference pass over the tokenized dataset computes the reference's per-seque
 the loss needs (``ref_chosen_logps``/``ref_rejected_logps`` for the plain pairs, ``aug_ref_…`` for the
 refinement-prompt stream of Sr-DPO/Sr-IPO). They are stored under a fingerprint of everything that determines
 them: the reference weights and config, the token ids of every pair (which fix the tokenizer, the truncation
-and the refinement prompt), the LD-DPO weighting and the streams. A later run (or epoch) with the same
-fingerprint loads them and runs no reference pass at all.
+and the refinement prompt), the per-token weights (LD-DPO's ``ld_alpha`` for fastpref's own collator; for any
+other collator, the weights and targets it actually produces, :func:`collated_rows_fingerprint`) and the
+stream. A later run (or epoch) with the same fingerprint loads them and runs no reference pass at all; the cache
+directory's writability is checked before a pass whose result could not be saved.
 
 Under DDP each process computes the batches of its shard (``accelerator.prepare`` of the dataloader) and the
 results are gathered with ``accelerator.gather_for_metrics``; the main process writes the file.
@@ -13,6 +15,7 @@ results are gathered with ``accelerator.gather_for_metrics``; the main process w
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 
@@ -20,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fastpref.trainer.ref_store import RefLogpsStore, dataset_fingerprint, fingerprint, fingerprint_parts
+from fastpref.trainer.ref_store import (RefLogpsStore, dataset_fingerprint, fingerprint, fingerprint_parts,
+                                        tensors_digest)
 
 CACHE_FORMAT = "fastpref-ref-logps-v1"
 # The token columns that determine each stream's sequences.
@@ -33,14 +37,35 @@ def ref_columns(streams: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{prefix}ref_{side}_logps" for prefix in streams for side in ("chosen", "rejected"))
 
 
-def cache_fingerprint(reference_fp: str, dataset, stream: str, ld_alpha: float | None
+def collated_rows_fingerprint(dataset, collator, stream: str, batch_size: int) -> str:
+    """sha256 of what a collator makes of each pair's two scored sequences of ``stream``: the targets and the
+    per-token weights (``{stream}kept_labels``, ``{stream}kept_token_weights``), pair by pair in dataset order, so
+    independent of ``batch_size``. Runs the collator over the whole dataset (CPU work, no model)."""
+    digest = hashlib.sha256()
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False):
+        cu = batch[f"{stream}kept_cu_seqlens"].tolist()
+        labels, weights = batch[f"{stream}kept_labels"], batch.get(f"{stream}kept_token_weights")
+        pairs = (len(cu) - 1) // 2
+        for pair in range(pairs):
+            for s in (pair, pairs + pair):
+                rows = slice(cu[s], cu[s + 1])
+                digest.update(tensors_digest({"labels": labels[rows]} if weights is None else
+                                             {"labels": labels[rows], "weights": weights[rows]}).encode())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(reference_fp: str, dataset, stream: str, token_weights: str | float | None
                       ) -> tuple[str, dict[str, str]]:
     """Fingerprint (and its named parts) of the reference log-probs of ``dataset`` (tokenized) for ``stream``.
 
-    Each stream is cached on its own, so a DPO run reuses the plain stream an Sr-DPO run computed."""
+    ``token_weights``: what fixes the per-token weights — ``ld_alpha`` (None: unweighted) for fastpref's
+    collator, else :func:`collated_rows_fingerprint`. Each stream is cached on its own, so a DPO run reuses the
+    plain stream an Sr-DPO run computed."""
     token_view = dataset.select_columns(list(STREAM_TOKEN_COLUMNS[stream]))
+    if not isinstance(token_weights, str):  # ld_alpha: 1 and 1.0 are one setting
+        token_weights = -1.0 if token_weights is None else float(token_weights)
     parts = dict(format=CACHE_FORMAT, reference=reference_fp, tokens=dataset_fingerprint(token_view),
-                 stream=stream or "plain", ld_alpha=-1.0 if ld_alpha is None else float(ld_alpha))
+                 stream=stream or "plain", token_weights=token_weights)
     return fingerprint(**parts), fingerprint_parts(**parts)
 
 
@@ -82,6 +107,8 @@ def load_or_compute(store: RefLogpsStore, fp: str, parts: dict[str, str], name: 
     cached = store.load(fp, name=name, parts=parts)
     if cached is not None:
         return cached
+    if accelerator.is_main_process:
+        store.check_writable()  # before the pass, not after it
     tensors = compute()
     if accelerator.is_main_process:
         store.save(fp, tensors, name=name, parts=parts)

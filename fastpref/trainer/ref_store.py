@@ -8,7 +8,10 @@ so a change in any part gives a new key and never a stale hit.
 :class:`RefLogpsStore` keeps one safetensors file per (name, fingerprint) in ``cache_dir``. Writes are atomic
 (a temp file in the same directory, fsync, ``os.replace``), so a reader sees the old file or the new one. Every
 file carries its fingerprint and a sha256 of its tensors in the safetensors metadata; a torn or corrupt file
-is reported with a warning and loads as ``None`` (recompute), never as garbage.
+is reported with a warning and loads as ``None`` (recompute), never as garbage. Temp files left by writers that
+died mid-write (their pid is gone on this host, or older than :data:`STALE_TEMP_SECONDS`) are removed when a
+store opens; :meth:`RefLogpsStore.check_writable` fails early, before a reference pass whose result could not
+be saved.
 
 Mismatch policy (``on_mismatch``), for a ``load`` that finds files of the same name but none with the asked
 fingerprint (the cache was computed for other weights, data or settings):
@@ -23,7 +26,9 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,9 +37,13 @@ from typing import Any
 import torch
 
 MISMATCH_POLICIES = ("recompute", "raise")
+#: A temp file this old is a dead writer's, whatever its pid says (another host, a pid reused).
+STALE_TEMP_SECONDS = 30 * 60
 _META_FINGERPRINT = "fastpref_fingerprint"
 _META_CHECKSUM = "fastpref_checksum"
 _META_PARTS = "fastpref_parts"
+_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+_TEMP = re.compile(r"\..+-(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-[^-]*\.tmp")
 # Config entries that do not change what the model computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset")
 
@@ -91,8 +100,10 @@ def fingerprint(**parts: Any) -> str:
     return _digest(fingerprint_parts(**parts))
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a model's config (when it has one) and every parameter and buffer, by name and value."""
+def model_fingerprint(model: torch.nn.Module, *, exclude: tuple[str, ...] = ()) -> str:
+    """sha256 of a model's config (when it has one; entries that do not change what it computes left out) and
+    every parameter and buffer, by name and value, except those whose name contains one of ``exclude`` (e.g. a
+    peft adapter's ``.default.``: the base model's fingerprint without its adapters)."""
     config = getattr(model, "config", None)
     config_dict = {}
     if config is not None:
@@ -105,6 +116,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     _feed(digest, json.dumps(config_dict, sort_keys=True, default=str))
     for name, tensor in model.state_dict(keep_vars=False).items():
+        if any(marker in name for marker in exclude):
+            continue
         _feed(digest, name)
         _feed(digest, tensor)
     return digest.hexdigest()
@@ -129,21 +142,25 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def dataset_fingerprint(dataset, *, batch_size: int = 1024) -> str:
     """sha256 of a dataset's content in order: a ``datasets.Dataset`` (its selected rows and columns) or a list
-    of dict rows. Independent of the storage layout (chunks, cache files), dependent on every value."""
+    of dict rows. Independent of the storage layout (chunks, cache files) and of ``batch_size`` (how many rows
+    are read at a time: each row is digested on its own), dependent on every value."""
     digest = hashlib.sha256()
     if isinstance(dataset, list):
-        batches = (dataset[i:i + batch_size] for i in range(0, len(dataset), batch_size))
+        rows = iter(dataset)
     elif hasattr(dataset, "iter") and hasattr(dataset, "column_names"):
         digest.update(json.dumps(sorted(dataset.column_names)).encode())
-        batches = dataset.iter(batch_size=batch_size)
+        rows = (dict(zip(batch, values)) for batch in dataset.iter(batch_size=batch_size)
+                for values in zip(*batch.values()))
     else:
         raise TypeError(f"dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}")
-    for batch in batches:
-        digest.update(json.dumps(batch, sort_keys=True, ensure_ascii=False, default=str).encode())
+    for row in rows:
+        encoded = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
+        digest.update(b"%d;" % len(encoded) + encoded)
     return digest.hexdigest()
 
 
-def _tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (dtype, shape and bytes of each; the order of the names does not matter)."""
     return _digest({name: tensors[name] for name in sorted(tensors)})
 
 
@@ -161,6 +178,37 @@ class RefLogpsStore:
             raise ValueError(f"on_mismatch must be one of {MISMATCH_POLICIES}, got {on_mismatch!r}")
         self.cache_dir = Path(cache_dir)
         self.on_mismatch = on_mismatch
+        self._remove_stale_temps()
+
+    def check_writable(self) -> None:
+        """Raise ``OSError`` naming ``cache_dir`` if a file cannot be written there (call it before computing what
+        :meth:`save` will write)."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(dir=self.cache_dir, prefix=f".probe-{_HOST}-{os.getpid()}-",
+                                             suffix=".tmp")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise OSError(error.errno, f"ref_cache_dir {str(self.cache_dir)!r} is not writable "
+                                       f"({error.strerror or error}): the reference log-probs could not be saved; "
+                                       "set ref_cache_dir to a writable directory") from error
+
+    def _remove_stale_temps(self) -> None:
+        """Delete temp files of writers that died mid-write: a dead pid of this host, or older than
+        :data:`STALE_TEMP_SECONDS`."""
+        if not self.cache_dir.is_dir():
+            return
+        now = time.time()
+        for path in self.cache_dir.glob(".*.tmp"):
+            match = _TEMP.fullmatch(path.name)
+            try:
+                old = now - path.stat().st_mtime > STALE_TEMP_SECONDS
+            except FileNotFoundError:  # its writer just renamed or removed it
+                continue
+            dead = match is not None and match["host"] == _HOST and not _pid_alive(int(match["pid"]))
+            if old or dead:
+                path.unlink(missing_ok=True)
 
     def path(self, fp: str, *, name: str = "ref_logps") -> Path:
         """Where the tensors of fingerprint ``fp`` under ``name`` live."""
@@ -187,7 +235,7 @@ class RefLogpsStore:
             warnings.warn(f"reference cache {path} is unreadable ({type(error).__name__}: {error}); recomputing",
                           RuntimeWarning, stacklevel=2)
             return None
-        if metadata.get(_META_FINGERPRINT) != fp or metadata.get(_META_CHECKSUM) != _tensors_checksum(tensors):
+        if metadata.get(_META_FINGERPRINT) != fp or metadata.get(_META_CHECKSUM) != tensors_digest(tensors):
             warnings.warn(f"reference cache {path} fails its fingerprint/checksum check (corrupt); recomputing",
                           RuntimeWarning, stacklevel=2)
             return None
@@ -206,10 +254,10 @@ class RefLogpsStore:
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"tensors[{key!r}] must be a torch.Tensor, got {type(tensor).__name__}")
             cpu[key] = tensor.detach().to("cpu").contiguous()
-        metadata = {_META_FINGERPRINT: fp, _META_CHECKSUM: _tensors_checksum(cpu),
+        metadata = {_META_FINGERPRINT: fp, _META_CHECKSUM: tensors_digest(cpu),
                     _META_PARTS: json.dumps(dict(parts or {}), sort_keys=True)}
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-", suffix=".tmp")
+        handle, temp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-{_HOST}-{os.getpid()}-", suffix=".tmp")
         os.close(handle)
         try:
             save_file(cpu, temp, metadata=metadata)
@@ -248,5 +296,15 @@ class RefLogpsStore:
         return sorted(key for key in set(saved) | set(parts) if saved.get(key) != parts.get(key))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 __all__ = ["MISMATCH_POLICIES", "RefLogpsStore", "StaleReferenceCacheError", "dataset_fingerprint", "fingerprint",
-           "fingerprint_parts", "model_fingerprint", "tokenizer_fingerprint"]
+           "fingerprint_parts", "model_fingerprint", "tensors_digest", "tokenizer_fingerprint"]

@@ -1,6 +1,6 @@
-"""Tokenization of a preference dataset for the trainer: :func:`fastpref.data.tokenize_pair` on every row, the
-text columns replaced by token ids, optional per-pair columns kept, and an ``example_index`` column added (the
-reference cache is indexed by it).
+"""Tokenization of a preference dataset for the trainer: its columns checked (:mod:`fastpref.trainer.columns`:
+used or refused, never dropped), :func:`fastpref.data.tokenize_pair` on every row, the text columns replaced by
+token ids, the per-pair columns kept, and an ``example_index`` column added (the reference cache is indexed by it).
 
 Rows that cannot be trained on after truncation (a prompt that fills ``max_length`` under ``keep_start``
 leaves an empty response) are dropped, as TRL drops them, with one warning that counts them and quotes the
@@ -12,16 +12,20 @@ from __future__ import annotations
 import warnings
 
 from fastpref.data import tokenize_pair
+from fastpref.trainer.columns import INDEX_COLUMN, TEXT_COLUMNS, check_columns
 
-_TEXT_COLUMNS = ("prompt", "chosen", "rejected", "messages")
 _ERROR_COLUMN = "_fastpref_tokenize_error"
 _DROPPABLE = "after truncation"
 
 
-def tokenize_dataset(dataset, tokenizer, args):
-    """``dataset`` (TRL formats, or already tokenized) → token-id columns per ``args`` (a PreferenceConfig)."""
+def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
+    """``dataset`` (TRL formats, or already tokenized) → token-id columns per ``args`` (a PreferenceConfig).
+
+    Raises :class:`fastpref.trainer.columns.UnknownColumnError` for a column the trainer does not read."""
     refinement_prompt = args.refinement_prompt if args.uses_augmented_stream else None
     columns = dataset.column_names
+    if columns is not None:  # an IterableDataset of unknown features has None
+        check_columns(columns, name)
     if "chosen_input_ids" in columns:
         if refinement_prompt is not None and "aug_prompt_input_ids" not in columns:
             raise ValueError("the tokenized dataset has no aug_prompt_input_ids column, which sr_dpo/sr_ipo with "
@@ -42,7 +46,7 @@ def tokenize_dataset(dataset, tokenizer, args):
                 return {**empty, _ERROR_COLUMN: str(error)}
             return {**out, _ERROR_COLUMN: ""}
 
-        dataset = dataset.map(tokenize, remove_columns=[c for c in _TEXT_COLUMNS if c in columns],
+        dataset = dataset.map(tokenize, remove_columns=[c for c in TEXT_COLUMNS if c in columns],
                               num_proc=args.dataset_num_proc, desc="Tokenizing pairs")
         errors = [e for e in dataset[_ERROR_COLUMN] if e]
         if errors:
@@ -51,6 +55,6 @@ def tokenize_dataset(dataset, tokenizer, args):
                           stacklevel=3)
             dataset = dataset.filter(lambda error: not error, input_columns=[_ERROR_COLUMN])
         dataset = dataset.remove_columns(_ERROR_COLUMN)
-    if "example_index" not in dataset.column_names:
-        dataset = dataset.add_column("example_index", list(range(len(dataset))))
+    if INDEX_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
     return dataset

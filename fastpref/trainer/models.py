@@ -1,0 +1,119 @@
+"""The trainer's models and tokenizer: resolved from objects, local paths or built-in tiny names, checked against
+each other, and the stream layout resolved for the model's attention.
+
+Nothing here mutates a model the user passes as the reference: the reference pass runs it under ``no_grad`` in
+eval mode and restores its training flag (:meth:`fastpref.PreferenceTrainer._reference_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
+
+from fastpref.model.head import unwrap_causal_lm
+from fastpref.model.tree_stream import attention_mask_for, build_tree_batch
+from fastpref.trainer.config import PreferenceConfig
+from fastpref.trainer.ref_store import model_fingerprint
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def resolve_tokenizer(model, processing_class):
+    """The tokenizer: the given one, the one saved next to a model path, or fastpref's local tokenizer."""
+    if processing_class is not None:
+        return processing_class
+    if isinstance(model, str) and os.path.isdir(model):
+        with contextlib.suppress(OSError, ValueError):
+            return AutoTokenizer.from_pretrained(model)
+    from fastpref.data.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
+    """Give a model built from a config the tokenizer's bos/eos/pad ids (in its config and generation config)."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        setattr(model.config, name, value)
+        if getattr(model, "generation_config", None) is not None:
+            setattr(model.generation_config, name, value)
+    return model
+
+
+def init_kwargs(args: PreferenceConfig) -> dict | None:
+    if isinstance(args.model_init_kwargs, str):
+        return json.loads(args.model_init_kwargs)
+    return args.model_init_kwargs
+
+
+def resolve_model(model, tokenizer, args: PreferenceConfig) -> PreTrainedModel:
+    """A model object from a model, a built-in name (:data:`fastpref.data.tiny_models.MODEL_NAMES`, its random
+    weights drawn after ``set_seed(args.seed)``, so the policy and a reference of the same name agree) or a local
+    path."""
+    if not isinstance(model, str):
+        return model
+    from fastpref.data.tiny_models import MODEL_NAMES, build_model
+
+    if model in MODEL_NAMES:
+        set_seed(args.seed)
+        return align_special_tokens(build_model(model, vocab_size=len(tokenizer)), tokenizer)
+    if not os.path.isdir(model):
+        raise ValueError(f"model {model!r} is neither a local model directory nor a built-in name "
+                         f"({', '.join(MODEL_NAMES)}); this build loads no models from a hub")
+    return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs(args) or {}))
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
+    """Every token id the tokenizer can emit must index the model's output vocabulary (the log-prob op then needs
+    no per-step label check)."""
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # out_features survives ZeRO-3 sharding
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's output vocabulary has {vocab} "
+                         "rows: call model.resize_token_embeddings(len(tokenizer)) first")
+
+
+def reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
+    """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters)."""
+    if ref_model is not None:
+        return model_fingerprint(ref_model)
+    if is_peft_model(policy):
+        adapters = tuple(f".{name}." for name in policy.peft_config)
+        return model_fingerprint(policy.get_base_model(), exclude=adapters)
+    return model_fingerprint(policy)
+
+
+def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str:
+    """``args.stream_layout`` with "auto" resolved for ``model`` (see :class:`PreferenceConfig`'s module docstring).
+
+    "tree" with an attention implementation that cannot express the tree mask raises the named error
+    (:class:`fastpref.model.attention.FlashAttentionTreeError` for flash attention, else
+    :class:`fastpref.model.attention.UnsafeAttentionError`).
+    """
+    causal_lm = unwrap_causal_lm(model)
+    attention = getattr(causal_lm.config, "_attn_implementation", None) or ""
+    layout = args.stream_layout
+    if layout == "auto":
+        if args.padding_free is False:
+            layout = "padded"
+        elif attention == "flex_attention" and args.device.type == "cuda":
+            layout = "tree"
+        elif args.padding_free or attention.startswith("flash_attention"):
+            layout = "packed"
+        else:
+            layout = "padded"
+    if layout == "tree":  # the mask of a one-pair tree: raises now if this attention cannot express a tree
+        attention_mask_for(causal_lm, build_tree_batch([[0]], [[0]], [[0]]))
+    return layout
