@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from fastpref.logps.inputs import value_checks_enabled
-from fastpref.losses.table import F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition, LossParams
+from fastpref.losses.table import (F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition,
+                                   LossParams, refinement_delta)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUG_NAMES = ("aug_chosen_logps", "aug_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")
@@ -40,8 +41,18 @@ class PreferenceProblem:
     refinement: str
 
     @property
-    def num_pairs(self) -> int:
-        return self.chosen.shape[0]
+    def compute_dtype(self) -> torch.dtype:
+        """float64 for float64 inputs, float32 for 16/32-bit ones: the dtype of the arithmetic and the outputs."""
+        return torch.float64 if self.chosen.dtype == torch.float64 else torch.float32
+
+    def delta(self) -> torch.Tensor | None:
+        """Δ of the refined types (no gradient), None when no type reads it: from the aug_* log-probs, or with
+        refinement="naive" from the plain ones (the same formula, :func:`fastpref.losses.refinement_delta`)."""
+        if not any(d.refined for d in self.definitions):
+            return None
+        if self.refinement == "naive":
+            return refinement_delta(self.params.beta, self.chosen, self.rejected, self.ref_chosen, self.ref_rejected)
+        return refinement_delta(self.params.beta, *self.aug)
 
 
 def _number(name: str, value, *, positive: bool = False) -> float:

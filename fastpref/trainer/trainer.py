@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 
 from fastpref.logps.inputs import skip_value_checks
 from fastpref.losses import bt_tau, odpo_offset, preference_loss
-from fastpref.losses.table import LOSS_DEFINITIONS
+from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
 from fastpref.trainer.ref_store import RefLogpsStore, fingerprint, model_fingerprint
@@ -38,8 +38,6 @@ from fastpref.trainer.tokenize import tokenize_dataset
 # Batch columns the trainer reads besides the token streams (kept by Trainer's column filter).
 _PAIR_COLUMNS = ("score_chosen", "score_rejected", "tau", "offset", "ref_chosen_logps", "ref_rejected_logps",
                  "aug_ref_chosen_logps", "aug_ref_rejected_logps", "example_index")
-# Loss types whose formula reads no reference log-probs (SimPO; RPO's SFT term): alone they need no reference.
-REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "sft"})
 _TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "aug_prompt_input_ids")
 
 
@@ -135,7 +133,7 @@ class PreferenceTrainer(Trainer):
             if ref_model is not None:
                 _disable_dropout(ref_model)
 
-        self._needs_reference = any(name not in REFERENCE_FREE_LOSS_TYPES for name in args.loss_type)
+        self._needs_reference = any(not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
         if ref_model is None and self._needs_reference and not args.precompute_ref_log_probs \
                 and not _is_peft_model(model):
@@ -369,7 +367,9 @@ class PreferenceTrainer(Trainer):
             **self._pair_extras(inputs))
         delta = None
         if args.uses_refinement:  # refinement="naive": Δ is the plain implicit reward margin (stop-gradient)
-            delta = _refinement_delta(refine, args.beta) if refine else out.margins
+            delta = out.margins if not refine else refinement_delta(
+                args.beta, refine["aug_chosen_logps"], refine["aug_rejected_logps"], refine["aug_ref_chosen_logps"],
+                refine["aug_ref_rejected_logps"])
         self._metrics[mode].update(pair_metrics(out, chosen, rejected, delta, args.refine_lambda))
         return (out.loss, out) if return_outputs else out.loss
 
@@ -460,13 +460,3 @@ def _init_kwargs(args: PreferenceConfig) -> dict | None:
     if isinstance(args.model_init_kwargs, str):
         return json.loads(args.model_init_kwargs)
     return args.model_init_kwargs
-
-
-def _refinement_delta(refine: dict, beta: float) -> torch.Tensor:
-    """Δ = β·[(aug_w − aug_ref_w) − (aug_l − aug_ref_l)] (reference treated as 0 when absent)."""
-    def ratio(policy, ref):
-        return policy.detach() if ref is None else policy.detach() - ref
-
-    return beta * (ratio(refine["aug_chosen_logps"], refine["aug_ref_chosen_logps"])
-                   - ratio(refine["aug_rejected_logps"], refine["aug_ref_rejected_logps"]))
-
