@@ -569,15 +569,13 @@ def test_compiled_ops_pass_opcheck():
     if "cpp" not in BACKENDS:
         pytest.skip("fastpref._C is not built")
     from fastpref.losses.fused import fused_problem
-    from fastpref.losses.inputs import check_preference_loss_args
+    from fastpref.losses.inputs import LossArguments, check_preference_loss_args
 
     tensors, kwargs = _case(["sigmoid", "aot", "sft"], 1250)
-    problem = check_preference_loss_args(
-        *tensors.values(), loss_type=kwargs["loss_type"], beta=0.1, loss_weights=[1.0, 0.5, 0.2],
+    problem = check_preference_loss_args(LossArguments(
+        *tensors.values(), loss_type=kwargs["loss_type"], loss_weights=[1.0, 0.5, 0.2],
         label_smoothing=kwargs["label_smoothing"], chosen_counts=kwargs["chosen_counts"],
-        rejected_counts=kwargs["rejected_counts"], aug=(None,) * 4, refine_lambda=0.5, tau=None, offset=None,
-        weights=None, simpo_gamma=0.5, discopop_tau=0.05, f_divergence_type="reverse_kl",
-        f_alpha_divergence_coef=1.0, refinement="prompt")
+        rejected_counts=kwargs["rejected_counts"]))
     fused = fused_problem(problem, presort=False)
     settings = (list(fused.codes), list(fused.loss_weights), fused.params.scalars(), 0)
     torch.library.opcheck(torch.ops.fastpref.preference_loss_fwd.default, (fused.slots, *settings))
@@ -708,3 +706,22 @@ def test_cuda_no_host_sync_and_matches_cpu(monkeypatch):
     want = loss_oracle.preference_loss(**tensors, **kwargs)
     torch.testing.assert_close(out.losses.cpu().double(), want.losses, rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(out.loss))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_traces_under_torch_compile_fullgraph(backend, dtype, monkeypatch):
+    """The public op traces whole (fullgraph=True) once value checks are off; values match eager."""
+    monkeypatch.setenv("FASTPREF_SKIP_VALUE_CHECKS", "1")
+    tensors, kwargs = _case(["sigmoid", "sft", "sr_dpo", "aot"], 1500, dtype=dtype)
+    kwargs["loss_weights"] = [1.0, 0.2, 0.5, 0.3]
+
+    def step(**leaves):
+        out = fastpref.preference_loss(**leaves, **kwargs, backend=backend)
+        return out.loss, out.losses
+
+    eager = step(**tensors)  # the first call imports the backend, outside the trace
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(**tensors)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == want.dtype == eager_dtype(dtype)
+        torch.testing.assert_close(got, want)

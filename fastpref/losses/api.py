@@ -8,7 +8,7 @@ import torch
 
 from fastpref.backends import load_kernels, resolve_backend
 from fastpref.losses.fused import LossKernels
-from fastpref.losses.inputs import check_preference_loss_args
+from fastpref.losses.inputs import LossArguments, check_preference_loss_args
 from fastpref.losses.output import PreferenceLossOutput
 
 
@@ -38,14 +38,14 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     ``offset`` and ``weights`` are constants. ``backend``: "triton", "cpp", "torch" or None (see
     :mod:`fastpref.backends`).
     """
-    problem = check_preference_loss_args(
+    problem = check_preference_loss_args(LossArguments(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, beta=beta,
         loss_weights=loss_weights, label_smoothing=label_smoothing, chosen_counts=chosen_counts,
         rejected_counts=rejected_counts,
         aug=(aug_chosen_logps, aug_rejected_logps, aug_ref_chosen_logps, aug_ref_rejected_logps),
         refine_lambda=refine_lambda, tau=tau, offset=offset, weights=weights, simpo_gamma=simpo_gamma,
         discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, refinement=refinement)
+        f_alpha_divergence_coef=f_alpha_divergence_coef, refinement=refinement))
     return _kernels(backend, chosen_logps).run(problem)
 
 
