@@ -54,7 +54,7 @@ struct Settings {
   double beta, eps, lambda, gamma, discopop_tau, alpha, alpha_clamp;
   int64_t divergence;
   double keep, flip;                // 1 − ε and ε (cdpo, simpo, aot)
-  double robust_keep, robust_flip;  // (1 − ε)/(1 − 2ε) and ε/(1 − 2ε)
+  double robust_slope;              // ε/(1 − 2ε)
   double exo_keep, exo_flip;        // log(1 − ε) and log ε (exo_pair, 0 < ε < 1)
   double ipo_target;                // 1/(2β)
 };
@@ -73,8 +73,7 @@ Settings make_settings(c10::ArrayRef<double> scalars, int64_t divergence) {
   s.divergence = divergence;
   s.keep = 1.0 - s.eps;
   s.flip = s.eps;
-  s.robust_keep = (1.0 - s.eps) / (1.0 - 2.0 * s.eps);
-  s.robust_flip = s.eps / (1.0 - 2.0 * s.eps);
+  s.robust_slope = s.eps / (1.0 - 2.0 * s.eps);
   const bool open = s.eps > 0.0 && s.eps < 1.0;
   s.exo_keep = open ? std::log1p(-s.eps) : 0.0;
   s.exo_flip = open ? std::log(s.eps) : 0.0;
@@ -211,10 +210,11 @@ template <typename real>
 inline void logit_loss(int64_t code, real z, const Pair<real>& v, const Settings& p, real& phi, real& dphi) {
   switch (code) {
     case HINGE: phi = std::max(real(0), real(1) - z); dphi = z < real(1) ? real(-1) : real(0); return;
-    case ROBUST: {
-      const real a = real(p.robust_keep), b = real(p.robust_flip);
-      phi = a * softplus(-z) - b * softplus(z);
-      dphi = -a * sigmoid(-z) - b * sigmoid(z);
+    case ROBUST: {  // ((1 − ε)·sp(−z) − ε·sp(z))/(1 − 2ε) = sp(−z) − z·ε/(1 − 2ε), with sp(z) = sp(−z) + z: the
+                    // two terms, each ~1/(1 − 2ε) times larger than ℓ, no longer cancel
+      const real slope = real(p.robust_slope);
+      phi = softplus(-z) - slope * z;
+      dphi = -sigmoid(-z) - slope;
       return;
     }
     case EXO_PAIR: {

@@ -58,9 +58,9 @@ OFFSET = tl.constexpr(PAIR_SLOTS.index("offset"))
 WEIGHTS = tl.constexpr(PAIR_SLOTS.index("weights"))
 
 # The kernel's `settings` tuple, in this order: β, λ, γ (simpo), α and its clamp (alpha divergence), 1 − ε and ε
-# (cdpo, simpo, aot), (1 − ε)/(1 − 2ε) and ε/(1 − 2ε) (robust), log(1 − ε) and log ε (exo_pair), 1/(2β), 1/τ_d.
-SETTINGS = ("beta", "refine_lambda", "simpo_gamma", "alpha", "alpha_clamp", "keep", "flip", "robust_keep",
-            "robust_flip", "exo_keep", "exo_flip", "ipo_target", "inv_discopop_tau")
+# (cdpo, simpo, aot), ε/(1 − 2ε) (robust), log(1 − ε) and log ε (exo_pair), 1/(2β), 1/τ_d.
+SETTINGS = ("beta", "refine_lambda", "simpo_gamma", "alpha", "alpha_clamp", "keep", "flip", "robust_slope",
+            "exo_keep", "exo_flip", "ipo_target", "inv_discopop_tau")
 
 
 @triton.jit
@@ -114,12 +114,11 @@ def _discopop(z, inv_tau):
 @triton.jit
 def _logit_loss(CODE: tl.constexpr, z, tau, settings):
     """φ(z) and φ'(z) of the logit-shaped types (for ipo/sr_ipo z is the margin u: φ = (u − 1/(2β))²)."""
-    _b, _l, _g, _a, _c, keep, flip, robust_keep, robust_flip, exo_keep, exo_flip, ipo_target, inv_tau = settings
+    _b, _l, _g, _a, _c, keep, flip, robust_slope, exo_keep, exo_flip, ipo_target, inv_tau = settings
     if CODE == HINGE:
         return tl.maximum(1.0 - z, 0.0), tl.where(z < 1.0, -1.0, 0.0)
-    elif CODE == ROBUST:
-        phi = robust_keep * _softplus(-z) - robust_flip * _softplus(z)
-        return phi, -robust_keep * _sigmoid(-z) - robust_flip * _sigmoid(z)
+    elif CODE == ROBUST:  # ((1 − ε)·sp(−z) − ε·sp(z))/(1 − 2ε) = sp(−z) − z·ε/(1 − 2ε): no cancelling terms
+        return _softplus(-z) - robust_slope * z, -_sigmoid(-z) - robust_slope
     elif CODE == EXO_PAIR:
         q_w = _sigmoid(z)
         q_l = _sigmoid(-z)
@@ -161,7 +160,7 @@ def _reward_loss(CODE: tl.constexpr, x, y, ipo_target):
 def _pair_term(CODE: tl.constexpr, pair, settings):
     """ℓ of one pair type and ∂ℓ/∂(chosen, rejected, ref_chosen, ref_rejected)."""
     cw, cl, r_w, r_l, s_w, ds_w, s_l, ds_l, n_w, n_l, offset, tau, delta = pair
-    beta, lam, gamma, _a, _c, _k, _f, _rk, _rf, _ek, _ef, ipo_target, _t = settings
+    beta, lam, gamma, _a, _c, _k, _f, _rs, _ek, _ef, ipo_target, _t = settings
     if (CODE == NCA_PAIR) or (CODE == BCO_PAIR) or (CODE == APO_ZERO) or (CODE == APO_DOWN) or (CODE == SPPO_HARD):
         c = 1.0 if CODE == SPPO_HARD else beta
         loss, dx, dy = _reward_loss(CODE, c * r_w, c * r_l, ipo_target)

@@ -19,13 +19,12 @@ _MAX_BLOCK = 1024
 
 def kernel_settings(params: LossParams) -> tuple[float, ...]:
     """The kernel's `settings` (:data:`fastpref.kernels.preference_loss.SETTINGS`), derived in float64 so ε is
-    never rounded before it is amplified (1 − 2ε of robust near ε = ½)."""
+    never rounded before it is amplified (ε/(1 − 2ε) of robust near ε = ½)."""
     eps = params.label_smoothing
     values = {
         "beta": params.beta, "refine_lambda": params.refine_lambda, "simpo_gamma": params.simpo_gamma,
         "alpha": params.f_alpha_divergence_coef, "alpha_clamp": params.alpha_clamp, "keep": 1.0 - eps, "flip": eps,
-        "robust_keep": (1.0 - eps) / (1.0 - 2.0 * eps) if eps != 0.5 else 0.0,
-        "robust_flip": eps / (1.0 - 2.0 * eps) if eps != 0.5 else 0.0,
+        "robust_slope": eps / (1.0 - 2.0 * eps) if eps != 0.5 else 0.0,
         "exo_keep": math.log1p(-eps) if 0.0 < eps < 1.0 else 0.0,
         "exo_flip": math.log(eps) if 0.0 < eps < 1.0 else 0.0,
         "ipo_target": 0.5 / params.beta, "inv_discopop_tau": 1.0 / params.discopop_tau,
