@@ -742,3 +742,22 @@ def test_traces_under_torch_compile_fullgraph(backend, dtype, monkeypatch):
     for got, want in zip(compiled, eager):
         assert got.dtype == want.dtype == eager_dtype(dtype)
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_ties_keep_pair_order(backend, loss_type):
+    """Tied sorted values (the batch has many equal log-ratios) make aot non-differentiable; every backend and
+    the oracle take the subgradient of the stable sort (ties keep pair order), so non-uniform upstream gradients
+    land on the same pairs."""
+    gen = torch.Generator().manual_seed(1600)
+    num_pairs = 17
+    chosen = _logps(gen, num_pairs)
+    rejected = _logps(gen, num_pairs)
+    ratios = torch.tensor([0.0, 0.5, -0.5])[torch.randint(0, 3, (num_pairs,), generator=gen)]
+    tensors = {"chosen_logps": chosen, "rejected_logps": rejected, "ref_chosen_logps": chosen - ratios,
+               "ref_rejected_logps": rejected - ratios.flip(0)}
+    if loss_type == "aot":
+        tensors["rejected_logps"] = chosen - ratios
+        tensors["ref_rejected_logps"] = tensors["ref_chosen_logps"] - ratios.flip(0)
+    assert_matches_oracle(tensors, {"loss_type": loss_type, "beta": 0.5}, backend, _upstream(1600, num_pairs))

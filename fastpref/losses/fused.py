@@ -69,7 +69,7 @@ class CompiledLossKernels(LossKernels):
 
 def _sorted_with_rank(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted values, rank) with sorted[rank[j]] = values[j]; all on the device, no host sync."""
-    ordered, order = torch.sort(values)
+    ordered, order = torch.sort(values, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(values.numel(), device=values.device))
     return ordered, rank
 

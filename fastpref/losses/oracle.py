@@ -5,7 +5,8 @@ is read from the loss table, and neither the argument checks nor any backend is 
 The formulas run in ``dtype`` (float64 by default) with plain PyTorch ops, and autograd gives the gradients (Δ
 detached). The tests also run it in the inputs' own precision (``dtype=torch.float32``) as the "plain PyTorch in
 the same dtype" baseline of their error rule. σ is written exp(log σ(x)) and 1 − σ(x) as σ(−x): the same values,
-with derivatives that stay exact in the tails, so the float64 truth is exact there too.
+with derivatives that stay exact in the tails, so the float64 truth is exact there too. aot's sorts are stable
+(tied values keep pair order, as in every backend), which fixes its subgradient at ties.
 """
 
 from __future__ import annotations
@@ -108,13 +109,13 @@ def _sppo_hard(b: _Batch) -> Tensor:
 
 
 def _aot(b: _Batch) -> Tensor:
-    policy = torch.sort(b.chosen - b.rejected).values
-    reference = torch.sort(b.ref_chosen - b.ref_rejected).values
+    policy = torch.sort(b.chosen - b.rejected, stable=True).values
+    reference = torch.sort(b.ref_chosen - b.ref_rejected, stable=True).values
     return _smoothed(b.beta * (policy - reference), b.eps)
 
 
 def _aot_unpaired(b: _Batch) -> Tensor:
-    gap = torch.sort(b.ratio_chosen).values - torch.sort(b.ratio_rejected).values
+    gap = torch.sort(b.ratio_chosen, stable=True).values - torch.sort(b.ratio_rejected, stable=True).values
     return _smoothed(b.beta * gap, b.eps)
 
 

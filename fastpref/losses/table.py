@@ -268,9 +268,10 @@ def sppo_hard(t: PairTerms, p: LossParams) -> Tensor:
 @loss("aot", kind="sorted", smoothing=(0.0, 1.0, True, True))
 def aot(t: PairTerms, p: LossParams) -> Tensor:
     """AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): z_i = β·(sort(π_w − π_l)_i − sort(ref_w − ref_l)_i),
-    ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i) (i is the sorted position, not the pair)."""
-    policy = torch.sort(t.chosen - t.rejected).values
-    reference = torch.sort(t.ref_chosen - t.ref_rejected).values
+    ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i) (i is the sorted position, not the pair; sorts are stable: tied values keep
+    pair order, which fixes the subgradient at ties)."""
+    policy = torch.sort(t.chosen - t.rejected, stable=True).values
+    reference = torch.sort(t.ref_chosen - t.ref_rejected, stable=True).values
     return _smoothed(p.beta * (policy - reference), p.label_smoothing)
 
 
@@ -278,8 +279,8 @@ def aot(t: PairTerms, p: LossParams) -> Tensor:
 def aot_unpaired(t: PairTerms, p: LossParams) -> Tensor:
     """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): z_i = β·(sort(r_w)_i − sort(r_l)_i),
     ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i)."""
-    chosen = torch.sort(t.chosen_logratios).values
-    rejected = torch.sort(t.rejected_logratios).values
+    chosen = torch.sort(t.chosen_logratios, stable=True).values
+    rejected = torch.sort(t.rejected_logratios, stable=True).values
     return _smoothed(p.beta * (chosen - rejected), p.label_smoothing)
 
 
