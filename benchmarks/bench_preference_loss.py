@@ -32,22 +32,24 @@ CASES = {
     "rpo (sigmoid+sft)": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
     "aot": {"loss_type": "aot", "label_smoothing": 0.1},
     "ipo+weights": {"loss_type": "ipo", "weights": True},
+    "sigmoid float64": {"loss_type": "sigmoid", "dtype": torch.float64},  # float64 in, float64 arithmetic out
 }
 
 
 def _inputs(num_pairs: int, case: dict, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
+    dtype = case.get("dtype", torch.float32)
 
     def logps():
-        return (-5 - 295 * torch.rand(num_pairs, generator=gen)).to(device)
+        return (-5 - 295 * torch.rand(num_pairs, generator=gen, dtype=torch.float64)).to(device=device, dtype=dtype)
 
     tensors = {"chosen_logps": logps().requires_grad_(), "rejected_logps": logps().requires_grad_(),
                "ref_chosen_logps": logps(), "ref_rejected_logps": logps()}
-    kwargs = {k: v for k, v in case.items() if k != "weights"}
+    kwargs = {k: v for k, v in case.items() if k not in ("weights", "dtype")}
     kwargs["chosen_counts"] = torch.randint(1, 300, (num_pairs,), generator=gen).to(device)
     kwargs["rejected_counts"] = torch.randint(1, 300, (num_pairs,), generator=gen).to(device)
     if case.get("weights"):
-        kwargs["weights"] = torch.rand(num_pairs, generator=gen).to(device)
+        kwargs["weights"] = torch.rand(num_pairs, generator=gen).to(device=device, dtype=dtype)
     if case["loss_type"] == "sr_dpo":
         for key in ("aug_chosen_logps", "aug_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps"):
             kwargs[key] = logps()
@@ -123,6 +125,8 @@ def main() -> None:
     fused = "triton" if args.device == "cuda" else "cpp"
     records = []
     for name, case in CASES.items():
+        if args.device == "cuda" and case.get("dtype") == torch.float64:
+            continue  # the triton backend refuses float64 (backend=None runs it on "torch")
         for num_pairs in SIZES:
             tensors, kwargs = _inputs(num_pairs, case, args.device)
             for backend, impl in ((fused, f"fused ({fused})"), ("torch", "eager torch")):

@@ -3,7 +3,8 @@
 TRL computes its loss inside ``DPOTrainer._compute_loss`` (no standalone function in 1.16). We call that method on
 a bare trainer object carrying only the attributes it reads, with a stand-in model whose per-token log-probs are
 a leaf tensor: the loss value and its gradient (with respect to the per-token log-probs, i.e. the sequence
-log-probs) are TRL's own, for a batch of realistic random log-probs.
+log-probs) are TRL's own, for a batch of realistic random log-probs. The float64 oracle is checked the same way
+("oracle" below), so the ground truth of tests/test_losses.py is TRL's for these types.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from conftest import available_backends
 
 import fastpref
 from fastpref.losses import TRL_LOSS_TYPES
+from fastpref.losses import oracle as loss_oracle
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
@@ -100,7 +102,7 @@ CASES = [([t], [1.0], {}) for t in TRL_LOSS_TYPES if t != "exo_pair"] + [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "oracle"])
 @pytest.mark.parametrize("loss_types,loss_weights,options", CASES,
                          ids=lambda v: "+".join(v) if isinstance(v, list) and isinstance(v[0], str) else None)
 def test_matches_trl_dpo_trainer(backend, loss_types, loss_weights, options):
@@ -123,11 +125,13 @@ def test_matches_trl_dpo_trainer(backend, loss_types, loss_weights, options):
     trl_grad = (token_logps.grad.double() * shift_mask).sum(1) / counts
 
     policy = logps.float().requires_grad_()
-    out = fastpref.preference_loss(
+    kwargs = {} if backend == "oracle" else {"backend": backend}
+    loss_fn = loss_oracle.preference_loss if backend == "oracle" else fastpref.preference_loss
+    out = loss_fn(
         policy[:num_pairs], policy[num_pairs:], ref[:num_pairs].float(), ref[num_pairs:].float(),
         loss_type=loss_types, loss_weights=loss_weights, beta=beta, label_smoothing=eps,
         chosen_counts=counts[:num_pairs], rejected_counts=counts[num_pairs:], f_divergence_type=f_type,
-        f_alpha_divergence_coef=f_alpha, backend=backend)
+        f_alpha_divergence_coef=f_alpha, **kwargs)
     out.loss.backward()
     torch.testing.assert_close(out.loss.double(), trl_loss.detach().double(), rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(policy.grad.double(), trl_grad, rtol=1e-4, atol=1e-6)

@@ -1,13 +1,15 @@
 """The DPO family of preference losses as one fused op: :func:`preference_loss`.
 
-``table`` holds the loss table (one entry per loss type: formula, paper, what it needs); ``inputs`` checks the
-arguments; ``torch_backend`` evaluates the table with PyTorch ops; ``fused`` runs the compiled backends
-(``cpp_backend``: csrc/preference_loss_cpu.cpp, ``triton_backend``: fastpref.kernels.preference_loss); ``oracle`` is
-the float64 ground truth of the tests; ``scores`` turns judge scores into ODPO offsets and rDPO's τ.
+``table`` holds the loss table (one entry per loss type: formula, paper, what it needs; the compiled kernels'
+layout; Sr-DPO's Δ); ``inputs`` checks the arguments; ``fused`` holds the backend interface and runs the compiled
+backends (``cpp_backend``: csrc/preference_loss_cpu.cpp, ``triton_backend``: fastpref.kernels.preference_loss);
+``torch_backend`` evaluates the table with PyTorch ops; ``oracle`` is the float64 ground truth of the tests,
+written independently; ``scores`` turns judge scores into ODPO offsets and rDPO's τ.
 """
 
 from fastpref.losses.api import preference_loss
-from fastpref.losses.table import LOSS_DEFINITIONS, LOSS_TYPES, TRL_LOSS_TYPES
+from fastpref.losses.table import (LOSS_DEFINITIONS, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, REFINED_LOSS_TYPES,
+                                   TRL_LOSS_TYPES, refinement_delta)
 from fastpref.losses.scores import bt_tau, odpo_offset
 from fastpref.losses.output import PreferenceLossOutput
 
@@ -16,7 +18,10 @@ __all__ = [
            "LOSS_TYPES",
            "TRL_LOSS_TYPES",
            "PreferenceLossOutput",
+           "REFERENCE_FREE_LOSS_TYPES",
+           "REFINED_LOSS_TYPES",
            "bt_tau",
            "odpo_offset",
            "preference_loss",
+           "refinement_delta",
 ]

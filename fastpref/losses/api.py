@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from fastpref.backends import resolve_backend
-from fastpref.losses.fused import run_fused
-from fastpref.losses.inputs import check_preference_loss_args
+from fastpref.backends import load_kernels, resolve_backend
+from fastpref.losses.fused import LossKernels
+from fastpref.losses.inputs import LossArguments, check_preference_loss_args
 from fastpref.losses.output import PreferenceLossOutput
-from fastpref.losses.torch_backend import evaluate
 
 
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
@@ -31,20 +32,30 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
     alpha_divergence with ``f_alpha_divergence_coef``) transforms the log-ratios as TRL does. sr_dpo/sr_ipo need
     the four ``aug_*`` log-probs (of the responses after the refinement prompt) unless ``refinement="naive"``.
 
-    Returns :class:`PreferenceLossOutput` (float32). Gradients are exact with respect to the policy log-probs, and
+    Returns :class:`PreferenceLossOutput`: float64 for float64 inputs (computed in float64), else float32.
+    Gradients are exact with respect to the policy log-probs, and
     the reference log-probs when they require grad; the refinement term Δ carries none; counts, ``tau``,
     ``offset`` and ``weights`` are constants. ``backend``: "triton", "cpp", "torch" or None (see
     :mod:`fastpref.backends`).
     """
-    problem = check_preference_loss_args(
+    problem = check_preference_loss_args(LossArguments(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, loss_type=loss_type, beta=beta,
         loss_weights=loss_weights, label_smoothing=label_smoothing, chosen_counts=chosen_counts,
         rejected_counts=rejected_counts,
         aug=(aug_chosen_logps, aug_rejected_logps, aug_ref_chosen_logps, aug_ref_rejected_logps),
         refine_lambda=refine_lambda, tau=tau, offset=offset, weights=weights, simpo_gamma=simpo_gamma,
         discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, refinement=refinement)
-    backend = resolve_backend(backend, chosen_logps.device)
-    if backend == "torch":
-        return evaluate(problem, torch.float32)
-    return run_fused(problem, backend)
+        f_alpha_divergence_coef=f_alpha_divergence_coef, refinement=refinement))
+    return _kernels(backend, chosen_logps).run(problem)
+
+
+def _kernels(backend: str | None, chosen: torch.Tensor) -> LossKernels:
+    """The backend's KERNELS; a default choice that cannot compute the inputs' dtype (triton and float64) falls
+    back to "torch", an explicit one (argument or FASTPREF_BACKEND) raises."""
+    kernels = load_kernels("losses", resolve_backend(backend, chosen.device))
+    if chosen.dtype in kernels.dtypes:
+        return kernels
+    if backend is None and not os.environ.get("FASTPREF_BACKEND"):
+        return load_kernels("losses", "torch")
+    raise TypeError(f"backend {kernels.name!r} computes preference_loss in float32 only, got {chosen.dtype} "
+                    "inputs: use backend='torch' or 'cpp' (CPU), or backend=None to pick one")

@@ -1,13 +1,15 @@
 """The "cpp" backend of :func:`fastpref.preference_loss`: ``torch.ops.fastpref.preference_loss_fwd/_bwd`` from
-``csrc/preference_loss_cpu.cpp`` (one pass over the pairs each way, float32 arithmetic with float64 batch
-sums, float32 results)."""
+``csrc/preference_loss_cpu.cpp`` (one pass over the pairs each way; arithmetic and results in float64 for float64
+inputs, float32 otherwise). ``torch.ops.fastpref.preference_loss_layout`` reports the kernel's loss codes, slots,
+scalars and f-divergences, which :func:`layout_drift` compares with the table."""
 
 from __future__ import annotations
 
 import torch
 
 from fastpref import _ext
-from fastpref.losses.fused import FusedProblem, LossKernels
+from fastpref.losses.fused import CompiledLossKernels, FusedProblem
+from fastpref.losses.table import F_DIVERGENCES, LOSS_TYPES, PAIR_SLOTS, SCALARS
 
 if _ext.extension() is None:  # resolve_backend never picks "cpp" then; importing directly is a usage error
     raise ImportError(f"the cpp backend needs the compiled extension: {_ext.missing_reason()}")
@@ -15,41 +17,48 @@ if _ext.extension() is None:  # resolve_backend never picks "cpp" then; importin
 _ops = torch.ops.fastpref
 
 
+def _output_dtype(chosen: torch.Tensor) -> torch.dtype:
+    return torch.float64 if chosen.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("fastpref::preference_loss_fwd")
-def _forward_fake(slots, codes, loss_weights, scalars, divergence, naive):
-    """Shapes only (FakeTensorMode, torch.compile): a float32 scalar and four float32 [B]."""
+def _forward_fake(slots, codes, loss_weights, scalars, divergence):
+    """Shapes only (FakeTensorMode, torch.compile): a scalar and four [B], float64 for float64 inputs."""
     chosen = slots[0]
-    per_pair = [chosen.new_empty(chosen.shape, dtype=torch.float32) for _ in range(4)]
-    return (chosen.new_empty((), dtype=torch.float32), *per_pair)
+    dtype = _output_dtype(chosen)
+    per_pair = [chosen.new_empty(chosen.shape, dtype=dtype) for _ in range(4)]
+    return (chosen.new_empty((), dtype=dtype), *per_pair)
 
 
 @torch.library.register_fake("fastpref::preference_loss_bwd")
-def _backward_fake(slots, codes, loss_weights, scalars, divergence, naive, grad_loss, grad_losses):
+def _backward_fake(slots, codes, loss_weights, scalars, divergence, grad_loss, grad_losses):
     chosen = slots[0]
-    return tuple(chosen.new_empty(chosen.shape, dtype=torch.float32) for _ in range(4))
+    return tuple(chosen.new_empty(chosen.shape, dtype=_output_dtype(chosen)) for _ in range(4))
 
 
-def _scalars(fused: FusedProblem) -> list[float]:
-    return [fused.beta, fused.label_smoothing, fused.refine_lambda, fused.simpo_gamma, fused.discopop_tau,
-            fused.alpha, fused.alpha_clamp]
+def layout_drift() -> list[str]:
+    """Where the C++ kernel's layout differs from the table's (empty when they agree)."""
+    want = {"losses": LOSS_TYPES, "slots": PAIR_SLOTS, "scalars": SCALARS, "divergences": F_DIVERGENCES}
+    drift = []
+    for part, names in want.items():
+        got = tuple(_ops.preference_loss_layout(part))
+        if got != tuple(names):
+            drift.append(f"{part}: csrc/preference_loss_cpu.cpp has {got}, fastpref/losses/table.py {tuple(names)}")
+    return drift
 
 
-def _forward(fused: FusedProblem):
-    """(loss, losses, chosen_rewards, rejected_rewards, margins), float32."""
-    return _ops.preference_loss_fwd(fused.slots, list(fused.codes), list(fused.loss_weights), _scalars(fused),
-                                    fused.divergence, fused.naive_refinement)
+def _settings(fused: FusedProblem) -> tuple:
+    return list(fused.codes), list(fused.loss_weights), fused.params.scalars(), fused.params.divergence_code
 
 
-def _backward(fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
-    """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected), float32."""
-    return _ops.preference_loss_bwd(fused.slots, list(fused.codes), list(fused.loss_weights), _scalars(fused),
-                                    fused.divergence, fused.naive_refinement, grad_loss, grad_losses)
-
-
-class CppLossKernels(LossKernels):
+class CppLossKernels(CompiledLossKernels):
     name = "cpp"
-    forward = staticmethod(_forward)
-    backward = staticmethod(_backward)
+
+    def forward(self, fused: FusedProblem):
+        return _ops.preference_loss_fwd(fused.slots, *_settings(fused))
+
+    def backward(self, fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
+        return _ops.preference_loss_bwd(fused.slots, *_settings(fused), grad_loss, grad_losses)
 
 
 KERNELS = CppLossKernels()

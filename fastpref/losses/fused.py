@@ -1,12 +1,13 @@
-"""The compiled backends ("cpp", "triton") of :func:`fastpref.preference_loss`: one kernel launch forward (losses,
-loss, rewards, margins), one backward (gradients of the four log-prob inputs), no host syncs.
+"""The backend interface of :func:`fastpref.preference_loss` (:class:`LossKernels`) and the machinery shared by
+the compiled backends ("cpp", "triton"): one kernel launch forward (losses, loss, rewards, margins), one backward
+(gradients of the four log-prob inputs), no host syncs.
 
-Both backends take the same :class:`FusedProblem`: the per-pair tensors in the fixed order of ``SLOTS`` (None
-when absent), the loss codes of the table with their weights, and the scalar settings. The batch-coupled aot
-types need sorted values: for the Triton kernel they are sorted here, before the launch, together with each
-pair's rank (its position in the sorted order) so the kernel only ever gathers, never scatters; the C++ kernel
-sorts inside its single call. Δ of sr_dpo/sr_ipo enters the
-kernel as four plain inputs that receive no gradient.
+Every backend module defines ``KERNELS`` (found by :func:`fastpref.backends.load_kernels`). A compiled backend
+gets one :class:`FusedProblem`: the per-pair tensors in the order of :data:`fastpref.losses.table.PAIR_SLOTS`
+(None when absent; Δ of sr_dpo/sr_ipo computed once by :func:`fastpref.losses.refinement_delta`), the loss codes
+of the table with their weights, and the settings. The batch-coupled aot types need sorted values: for the Triton
+kernel they are sorted here, before the launch, together with each pair's rank (its position in the sorted order)
+so the kernel only gathers, never scatters; the C++ kernel sorts inside its single call.
 """
 
 from __future__ import annotations
@@ -15,51 +16,70 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpref.backends import load_kernels
 from fastpref.losses.inputs import PreferenceProblem
 from fastpref.losses.output import PreferenceLossOutput
+from fastpref.losses.table import PAIR_SLOTS, LossParams
 
-SLOTS = (
-    "chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_counts", "rejected_counts",
-    "aug_chosen", "aug_rejected", "aug_ref_chosen", "aug_ref_rejected", "tau", "offset", "weights",
-    # aot: sorted policy margins (π_w − π_l) and reference margins, and each pair's rank in them
-    "aot_policy_sorted", "aot_reference_sorted", "aot_policy_rank", "aot_reference_rank",
-    # aot_unpaired: sorted chosen and rejected log-ratios, and each pair's rank in them
-    "aotu_chosen_sorted", "aotu_rejected_sorted", "aotu_chosen_rank", "aotu_rejected_rank",
-)
-DIVERGENCE_CODES = {"reverse_kl": 0, "forward_kl": 1, "js_divergence": 2, "alpha_divergence": 3}
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
 class FusedProblem:
-    """What a compiled backend receives (see the module docstring)."""
+    """What a compiled backend receives (see the module docstring). ``sorted_batch`` (Triton only): for aot then
+    aot_unpaired, the two sorted quantities and each pair's rank in them (8 entries, None where unused)."""
 
     slots: list[torch.Tensor | None]
+    sorted_batch: list[torch.Tensor | None]
     codes: tuple[int, ...]
     loss_weights: tuple[float, ...]
-    beta: float
-    label_smoothing: float
-    refine_lambda: float
-    simpo_gamma: float
-    discopop_tau: float
-    alpha: float
-    alpha_clamp: float
-    divergence: int
-    naive_refinement: bool
+    params: LossParams
+    compute_dtype: torch.dtype
+
+
+class LossKernels:
+    """A loss backend: ``run`` evaluates a checked problem (differentiably); ``dtypes``: the input dtypes it
+    computes (others raise, or make ``backend=None`` pick another backend)."""
+
+    name: str = ""
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
+
+    def run(self, problem: PreferenceProblem) -> PreferenceLossOutput:
+        raise NotImplementedError
+
+
+class CompiledLossKernels(LossKernels):
+    """A backend with a hand-written forward and backward; ``run`` wraps them in one autograd Function.
+    Outputs and gradients are in the problem's compute dtype (float64 for float64 inputs, else float32)."""
+
+    presorts: bool = False  # sort the aot batch before the launch (see the module docstring)
+
+    def forward(self, fused: FusedProblem):
+        """(loss, losses, chosen_rewards, rejected_rewards, margins)."""
+        raise NotImplementedError
+
+    def backward(self, fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
+        """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected)."""
+        raise NotImplementedError
+
+    def run(self, problem: PreferenceProblem) -> PreferenceLossOutput:
+        outputs = _FusedPreferenceLoss.apply(problem.chosen, problem.rejected, problem.ref_chosen,
+                                             problem.ref_rejected, fused_problem(problem, self.presorts), self)
+        return PreferenceLossOutput(*outputs)
 
 
 def _sorted_with_rank(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted values, rank) with sorted[rank[j]] = values[j]; all on the device, no host sync."""
-    ordered, order = torch.sort(values)
+    ordered, order = torch.sort(values, stable=True)
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(values.numel(), device=values.device))
     return ordered, rank
 
 
-def _aot_slots(problem: PreferenceProblem, name: str) -> list[torch.Tensor]:
-    chosen, rejected = problem.chosen.detach().float(), problem.rejected.detach().float()
+def _aot_sorted(problem: PreferenceProblem, name: str) -> list[torch.Tensor]:
+    dtype = problem.compute_dtype
+    chosen, rejected = problem.chosen.detach().to(dtype), problem.rejected.detach().to(dtype)
     zeros = torch.zeros_like(chosen)
-    ref_chosen = zeros if problem.ref_chosen is None else problem.ref_chosen.detach().float()
-    ref_rejected = zeros if problem.ref_rejected is None else problem.ref_rejected.detach().float()
+    ref_chosen = zeros if problem.ref_chosen is None else problem.ref_chosen.detach().to(dtype)
+    ref_rejected = zeros if problem.ref_rejected is None else problem.ref_rejected.detach().to(dtype)
     if name == "aot":
         first, second = chosen - rejected, ref_chosen - ref_rejected
     else:
@@ -72,45 +92,27 @@ def _aot_slots(problem: PreferenceProblem, name: str) -> list[torch.Tensor]:
 def fused_problem(problem: PreferenceProblem, presort: bool) -> FusedProblem:
     """Gather `problem` into the slot layout; with `presort` (the Triton kernel), sort the batch for the aot
     types here (the C++ kernel sorts it itself)."""
-    aug = problem.aug or (None,) * 4
-    slots = [problem.chosen, problem.rejected, problem.ref_chosen, problem.ref_rejected, problem.chosen_counts,
-             problem.rejected_counts, *aug, problem.tau, problem.offset, problem.weights]
+    values = {"chosen": problem.chosen, "rejected": problem.rejected, "ref_chosen": problem.ref_chosen,
+              "ref_rejected": problem.ref_rejected, "chosen_counts": problem.chosen_counts,
+              "rejected_counts": problem.rejected_counts, "delta": problem.delta(), "tau": problem.tau,
+              "offset": problem.offset, "weights": problem.weights}
+    slots = [None if values[name] is None else values[name].detach().contiguous() for name in PAIR_SLOTS]
     names = {d.name for d in problem.definitions}
-    slots += _aot_slots(problem, "aot") if presort and "aot" in names else [None] * 4
-    slots += _aot_slots(problem, "aot_unpaired") if presort and "aot_unpaired" in names else [None] * 4
-    slots = [None if s is None else s.detach().contiguous() for s in slots]
-    assert len(slots) == len(SLOTS)
-    params = problem.params
-    divergence = DIVERGENCE_CODES[params.f_divergence_type]
-    if divergence == 3 and abs(params.f_alpha_divergence_coef - 1.0) < 1e-6:
-        divergence = 0  # TRL: α → 1 is the reverse KL
-    return FusedProblem(slots=slots, codes=tuple(d.code for d in problem.definitions),
-                        loss_weights=problem.loss_weights, beta=params.beta, label_smoothing=params.label_smoothing,
-                        refine_lambda=params.refine_lambda, simpo_gamma=params.simpo_gamma,
-                        discopop_tau=params.discopop_tau, alpha=params.f_alpha_divergence_coef,
-                        alpha_clamp=params.alpha_clamp, divergence=divergence,
-                        naive_refinement=problem.refinement == "naive")
-
-
-class LossKernels:
-    """The interface of a compiled loss backend (``cpp_backend``, ``triton_backend`` define ``KERNELS``)."""
-
-    name: str = ""
-
-    def forward(self, fused: FusedProblem):
-        """(loss, losses, chosen_rewards, rejected_rewards, margins), float32."""
-        raise NotImplementedError
-
-    def backward(self, fused: FusedProblem, grad_loss: torch.Tensor, grad_losses: torch.Tensor | None):
-        """(d_chosen, d_rejected, d_ref_chosen, d_ref_rejected), float32."""
-        raise NotImplementedError
+    sorted_batch: list[torch.Tensor | None] = [None] * 8
+    if presort:
+        for start, name in ((0, "aot"), (4, "aot_unpaired")):
+            if name in names:
+                sorted_batch[start:start + 4] = _aot_sorted(problem, name)
+    return FusedProblem(slots=slots, sorted_batch=sorted_batch, codes=tuple(d.code for d in problem.definitions),
+                        loss_weights=problem.loss_weights, params=problem.params,
+                        compute_dtype=problem.compute_dtype)
 
 
 class _FusedPreferenceLoss(torch.autograd.Function):
     """loss, losses from the kernels; rewards and margins come out of the same launch, non-differentiable."""
 
     @staticmethod
-    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, fused: FusedProblem, kernels: LossKernels):
+    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, fused: FusedProblem, kernels: CompiledLossKernels):
         loss, losses, chosen_rewards, rejected_rewards, margins = kernels.forward(fused)
         ctx.fused, ctx.kernels = fused, kernels
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (chosen, rejected, ref_chosen, ref_rejected))
@@ -120,22 +122,14 @@ class _FusedPreferenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_losses, *_unused):
+        dtype = ctx.fused.compute_dtype
         if grad_loss is None:
-            grad_loss = torch.zeros((), device=ctx.fused.slots[0].device)
-        elif grad_loss.dtype != torch.float32:
-            grad_loss = grad_loss.float()
+            grad_loss = torch.zeros((), device=ctx.fused.slots[0].device, dtype=dtype)
+        grad_loss = grad_loss.to(dtype)
         if grad_losses is not None:
-            grad_losses = grad_losses.float().contiguous()
+            grad_losses = grad_losses.to(dtype).contiguous()
         grads = ctx.kernels.backward(ctx.fused, grad_loss, grad_losses)
         out = []
-        for grad, dtype, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[:4]):
-            out.append(grad.to(dtype) if needed else None)
+        for grad, dtype_in, needed in zip(grads, ctx.dtypes, ctx.needs_input_grad[:4]):
+            out.append(grad.to(dtype_in) if needed else None)
         return (*out, None, None)
-
-
-def run_fused(problem: PreferenceProblem, backend: str) -> PreferenceLossOutput:
-    """Evaluate `problem` with the compiled `backend` ("cpp" or "triton")."""
-    outputs = _FusedPreferenceLoss.apply(problem.chosen, problem.rejected, problem.ref_chosen, problem.ref_rejected,
-                                         fused_problem(problem, presort=backend == "triton"),
-                                         load_kernels("losses", backend))
-    return PreferenceLossOutput(*outputs)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fastpref.logps.inputs import value_checks_enabled
-from fastpref.losses.table import F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition, LossParams
+from fastpref.losses.table import (F_DIVERGENCES, LOSS_DEFINITIONS, LOSS_TYPES, REFINEMENTS, LossDefinition,
+                                   LossParams, refinement_delta)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 AUG_NAMES = ("aug_chosen_logps", "aug_rejected_logps", "aug_ref_chosen_logps", "aug_ref_rejected_logps")
@@ -40,8 +42,18 @@ class PreferenceProblem:
     refinement: str
 
     @property
-    def num_pairs(self) -> int:
-        return self.chosen.shape[0]
+    def compute_dtype(self) -> torch.dtype:
+        """float64 for float64 inputs, float32 for 16/32-bit ones: the dtype of the arithmetic and the outputs."""
+        return torch.float64 if self.chosen.dtype == torch.float64 else torch.float32
+
+    def delta(self) -> torch.Tensor | None:
+        """Δ of the refined types (no gradient), None when no type reads it: from the aug_* log-probs, or with
+        refinement="naive" from the plain ones (the same formula, :func:`fastpref.losses.refinement_delta`)."""
+        if not any(d.refined for d in self.definitions):
+            return None
+        if self.refinement == "naive":
+            return refinement_delta(self.params.beta, self.chosen, self.rejected, self.ref_chosen, self.ref_rejected)
+        return refinement_delta(self.params.beta, *self.aug)
 
 
 def _number(name: str, value, *, positive: bool = False) -> float:
@@ -141,90 +153,129 @@ def _check_values(problem: PreferenceProblem) -> None:
             raise ValueError(message)
 
 
-def check_preference_loss_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, loss_type,
-                               beta, loss_weights, label_smoothing, chosen_counts, rejected_counts, aug,
-                               refine_lambda, tau, offset, weights, simpo_gamma, discopop_tau, f_divergence_type,
-                               f_alpha_divergence_coef, refinement) -> PreferenceProblem:
-    """Validate every argument of :func:`fastpref.preference_loss` (see the module docstring)."""
-    definitions = _loss_types(loss_type)
-    weights_per_type = _loss_weights(loss_weights, len(definitions))
-    beta = _number("beta", beta, positive=True)
-    eps = _number("label_smoothing", label_smoothing)
-    _check_label_smoothing(eps, definitions)
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {f_divergence_type!r}")
-    if f_divergence_type != "reverse_kl":
-        refused = [d.name for d in definitions if not d.f_divergence]
-        if refused:
-            raise ValueError(f"f_divergence_type={f_divergence_type!r} applies only to loss types "
-                             f"{[n for n, d in LOSS_DEFINITIONS.items() if d.f_divergence]}; got {refused}")
-    if refinement not in REFINEMENTS:
-        raise ValueError(f"refinement must be one of {REFINEMENTS}, got {refinement!r}")
+@dataclass(frozen=True)
+class LossArguments:
+    """The arguments of :func:`fastpref.preference_loss` as given (unchecked); ``aug`` holds the four aug_* ones."""
 
+    chosen_logps: Any
+    rejected_logps: Any
+    ref_chosen_logps: Any = None
+    ref_rejected_logps: Any = None
+    loss_type: Any = "sigmoid"
+    beta: Any = 0.1
+    loss_weights: Any = None
+    label_smoothing: Any = 0.0
+    chosen_counts: Any = None
+    rejected_counts: Any = None
+    aug: tuple = (None, None, None, None)
+    refine_lambda: Any = 0.5
+    tau: Any = None
+    offset: Any = None
+    weights: Any = None
+    simpo_gamma: Any = 0.5
+    discopop_tau: Any = 0.05
+    f_divergence_type: Any = "reverse_kl"
+    f_alpha_divergence_coef: Any = 0.5
+    refinement: Any = "prompt"
+
+
+def _params(args: LossArguments, definitions: tuple[LossDefinition, ...], dtype: torch.dtype) -> LossParams:
+    eps = _number("label_smoothing", args.label_smoothing)
+    _check_label_smoothing(eps, definitions)
+    kind = args.f_divergence_type
+    if kind not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {F_DIVERGENCES}, got {kind!r}")
+    refused = [d.name for d in definitions if not d.f_divergence]
+    if kind != "reverse_kl" and refused:
+        raise ValueError(f"f_divergence_type={kind!r} applies only to loss types "
+                         f"{[n for n, d in LOSS_DEFINITIONS.items() if d.f_divergence]}; got {refused}")
+    if args.refinement not in REFINEMENTS:
+        raise ValueError(f"refinement must be one of {REFINEMENTS}, got {args.refinement!r}")
+    return LossParams(
+        beta=_number("beta", args.beta, positive=True),
+        label_smoothing=eps,
+        refine_lambda=_number("refine_lambda", args.refine_lambda),
+        simpo_gamma=_number("simpo_gamma", args.simpo_gamma),
+        discopop_tau=_number("discopop_tau", args.discopop_tau, positive=True),
+        f_divergence_type=kind,
+        f_alpha_divergence_coef=_number("f_alpha_divergence_coef", args.f_alpha_divergence_coef),
+        alpha_clamp=11.0 if dtype == torch.float16 else 80.0,
+    )
+
+
+def _chosen(chosen_logps) -> torch.Tensor:
     if not isinstance(chosen_logps, torch.Tensor):
         raise TypeError(f"chosen_logps must be a torch.Tensor, got {type(chosen_logps).__name__}")
     if chosen_logps.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"chosen_logps must be float16, bfloat16, float32 or float64, got {chosen_logps.dtype}")
     if chosen_logps.dim() != 1 or chosen_logps.shape[0] == 0:
         raise ValueError(f"chosen_logps must be 1-D [B] with B >= 1 pairs, got shape {tuple(chosen_logps.shape)}")
-    chosen = chosen_logps
-    rejected = _logps("rejected_logps", rejected_logps, chosen)
-    if (ref_chosen_logps is None) != (ref_rejected_logps is None):
-        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
-    ref_chosen = None if ref_chosen_logps is None else _logps("ref_chosen_logps", ref_chosen_logps, chosen)
-    ref_rejected = None if ref_rejected_logps is None else _logps("ref_rejected_logps", ref_rejected_logps, chosen)
+    return chosen_logps
 
-    given_aug = [a is not None for a in aug]
+
+def _logprob_tensors(args: LossArguments, chosen: torch.Tensor) -> dict:
+    """rejected, ref_* and the aug set, checked against chosen (same shape, device and dtype)."""
+    if (args.ref_chosen_logps is None) != (args.ref_rejected_logps is None):
+        raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)")
+    given_aug = [a is not None for a in args.aug]
     if any(given_aug) and not all(given_aug):
         missing = [n for n, g in zip(AUG_NAMES, given_aug) if not g]
         raise ValueError(f"the augmented log-probs come as a set of four; missing {missing}")
-    aug_tensors = tuple(_logps(n, a, chosen) for n, a in zip(AUG_NAMES, aug)) if all(given_aug) else None
-    refined = any(d.refined for d in definitions)
-    if aug_tensors is not None and not (refined and refinement == "prompt"):
-        raise ValueError("aug_* log-probs are used only by loss types 'sr_dpo'/'sr_ipo' with refinement='prompt'")
 
-    optional = {
-        "chosen_counts": None if chosen_counts is None else _constant("chosen_counts", chosen_counts, chosen, counts=True),
-        "rejected_counts": None if rejected_counts is None else _constant("rejected_counts", rejected_counts, chosen,
-                                                                          counts=True),
-        "tau": None if tau is None else _constant("tau", tau, chosen),
-        "offset": None if offset is None else _constant("offset", offset, chosen),
-        "weights": None if weights is None else _constant("weights", weights, chosen),
-    }
-    present = {name for name, value in optional.items() if value is not None}
-    if aug_tensors is not None or refinement == "naive":
+    def optional(name, value):
+        return None if value is None else _logps(name, value, chosen)
+
+    return {"rejected": _logps("rejected_logps", args.rejected_logps, chosen),
+            "ref_chosen": optional("ref_chosen_logps", args.ref_chosen_logps),
+            "ref_rejected": optional("ref_rejected_logps", args.ref_rejected_logps),
+            "aug": tuple(_logps(n, a, chosen) for n, a in zip(AUG_NAMES, args.aug)) if all(given_aug) else None}
+
+
+def _constants(args: LossArguments, chosen: torch.Tensor) -> dict:
+    def optional(name, counts=False):
+        value = getattr(args, name)
+        return None if value is None else _constant(name, value, chosen, counts=counts)
+
+    return {"chosen_counts": optional("chosen_counts", counts=True),
+            "rejected_counts": optional("rejected_counts", counts=True),
+            "tau": optional("tau"), "offset": optional("offset"), "weights": optional("weights")}
+
+
+def _check_needs(definitions: tuple[LossDefinition, ...], given: dict, refinement: str) -> None:
+    """Each type gets the inputs it requires, and no input goes to types that ignore it."""
+    if given["aug"] is not None and not (any(d.refined for d in definitions) and refinement == "prompt"):
+        raise ValueError("aug_* log-probs are used only by loss types 'sr_dpo'/'sr_ipo' with refinement='prompt'")
+    present = {name for name, value in given.items() if value is not None and name != "aug"}
+    if given["aug"] is not None or refinement == "naive":
         present |= set(AUG_NAMES)
     for d in definitions:
         missing = [name for name in d.requires if name not in present]
         if missing:
             hint = " (or refinement='naive')" if d.refined else ""
             raise ValueError(f"loss_type {d.name!r} requires {', '.join(missing)}{hint}")
-    if offset is not None:
+    if given["offset"] is not None:
         refused = [d.name for d in definitions if not d.takes_offset and d.kind != "batch"]
         if refused:
             raise ValueError(f"offset is subtracted inside the logit of sigmoid-family types only; {refused} take none")
-    if weights is not None:
+    if given["weights"] is not None:
         refused = [d.name for d in definitions if not d.takes_weights]
         if refused:
             raise ValueError(f"per-pair weights do not apply to {refused}: those losses sort the batch, so position i "
                              "is not pair i")
-    if tau is not None and not any(d.name == "rdpo" for d in definitions):
+    if given["tau"] is not None and not any(d.name == "rdpo" for d in definitions):
         raise ValueError("tau is used only by loss_type 'rdpo'")
 
-    params = LossParams(
-        beta=beta,
-        label_smoothing=eps,
-        refine_lambda=_number("refine_lambda", refine_lambda),
-        simpo_gamma=_number("simpo_gamma", simpo_gamma),
-        discopop_tau=_number("discopop_tau", discopop_tau, positive=True),
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=_number("f_alpha_divergence_coef", f_alpha_divergence_coef),
-        alpha_clamp=11.0 if chosen.dtype == torch.float16 else 80.0,
-    )
-    problem = PreferenceProblem(chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
-                                chosen_counts=optional["chosen_counts"], rejected_counts=optional["rejected_counts"],
-                                aug=aug_tensors, tau=optional["tau"], offset=optional["offset"],
-                                weights=optional["weights"], definitions=definitions, loss_weights=weights_per_type,
-                                params=params, refinement=refinement)
+
+def check_preference_loss_args(args: LossArguments) -> PreferenceProblem:
+    """Validate every argument of :func:`fastpref.preference_loss` (see the module docstring)."""
+    definitions = _loss_types(args.loss_type)
+    loss_weights = _loss_weights(args.loss_weights, len(definitions))
+    params = _params(args, definitions, getattr(args.chosen_logps, "dtype", None))
+    chosen = _chosen(args.chosen_logps)
+    tensors = _logprob_tensors(args, chosen)
+    constants = _constants(args, chosen)
+    _check_needs(definitions, {**constants, "aug": tensors["aug"]}, args.refinement)
+    problem = PreferenceProblem(chosen=chosen, **tensors, **constants, definitions=definitions,
+                                loss_weights=loss_weights, params=params, refinement=args.refinement)
     _check_values(problem)
     return problem

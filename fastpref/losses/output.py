@@ -8,7 +8,7 @@ import torch
 
 
 class PreferenceLossOutput(NamedTuple):
-    """Result of :func:`fastpref.preference_loss` (float32; float64 from the oracle).
+    """Result of :func:`fastpref.preference_loss`: float64 for float64 inputs, float32 otherwise.
 
     loss:             scalar, Σ_k loss_weights[k]·mean_i(weights_i·ℓ_k,i) = mean_i(losses_i).
     losses:           [B], per-pair Σ_k loss_weights[k]·weights_i·ℓ_k,i (for aot types, i is the sorted position).

@@ -1,12 +1,16 @@
 """The preference-loss table: one small declarative entry per loss type.
 
 Each entry is a function ℓ(terms, params) → [B] written with plain torch ops on the per-pair quantities of
-:class:`PairTerms`; its docstring gives the formula and the paper. The float64 oracle
-(:mod:`fastpref.losses.oracle`) and the "torch" backend evaluate these functions (autograd gives their
-gradients); the compiled kernels (``csrc/preference_loss_cpu.cpp``, ``kernels/preference_loss.py``) implement the
-same formulas with hand-written derivatives and select them by :attr:`LossDefinition.code`. The table also
-says what each type needs (inputs, label-smoothing range, whether an offset, per-pair weights or an
-f-divergence apply), which :mod:`fastpref.losses.inputs` enforces.
+:class:`PairTerms`; its docstring gives the formula and the paper. The "torch" backend evaluates these functions
+(autograd gives their gradients); the compiled kernels (``csrc/preference_loss_cpu.cpp``,
+``kernels/preference_loss.py``) implement the same formulas with hand-written derivatives and select them by
+:attr:`LossDefinition.code`. The table also says what each type needs (inputs, label-smoothing range, whether an
+offset, per-pair weights or an f-divergence apply, whether it is refined or reference-free), which
+:mod:`fastpref.losses.inputs` enforces. The compiled kernels' layout comes from here too: loss codes (positions
+in the table), :data:`F_DIVERGENCES` codes (positions), the order of the per-pair inputs (:data:`PAIR_SLOTS`) and
+of the scalar settings (:data:`SCALARS`); the Triton kernel imports them, the C++ kernel reports its own through
+``torch.ops.fastpref.preference_loss_layout`` and a test compares. The float64 oracle
+(:mod:`fastpref.losses.oracle`) reads none of this.
 
 Notation: r_w = chosen − ref_chosen, r_l = rejected − ref_rejected (log-ratios; ref = 0 when absent),
 s_w = f(r_w), s_l = f(r_l) the f-divergence scores (f = identity for reverse_kl), h = r_w − r_l,
@@ -25,8 +29,14 @@ import torch.nn.functional as F
 
 Tensor = torch.Tensor
 
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # code = position
 REFINEMENTS = ("prompt", "naive")
+# The compiled kernels' per-pair inputs [B], in this order (absent ones are None); "delta" is Δ (no gradient).
+PAIR_SLOTS = ("chosen", "rejected", "ref_chosen", "ref_rejected", "chosen_counts", "rejected_counts", "delta",
+              "tau", "offset", "weights")
+# The compiled kernels' scalar settings, in this order (fields of LossParams, the divergence as its code).
+SCALARS = ("beta", "label_smoothing", "refine_lambda", "simpo_gamma", "discopop_tau", "f_alpha_divergence_coef",
+           "alpha_clamp")
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,17 @@ class LossParams:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     alpha_clamp: float = 80.0  # TRL clamps (α−1)·r at 11 for float16 inputs, 80 otherwise
+
+    @property
+    def divergence_code(self) -> int:
+        """Position in F_DIVERGENCES; alpha_divergence with |α − 1| < 1e-6 is the reverse KL (TRL)."""
+        if self.f_divergence_type == "alpha_divergence" and abs(self.f_alpha_divergence_coef - 1.0) < 1e-6:
+            return 0
+        return F_DIVERGENCES.index(self.f_divergence_type)
+
+    def scalars(self) -> list[float]:
+        """The settings in the order of SCALARS."""
+        return [float(getattr(self, name)) for name in SCALARS]
 
 
 @dataclass
@@ -69,6 +90,20 @@ class PairTerms:
         return self.rejected - self.ref_rejected
 
 
+def refinement_delta(beta: float, aug_chosen: Tensor, aug_rejected: Tensor, aug_ref_chosen: Tensor | None,
+                     aug_ref_rejected: Tensor | None) -> Tensor:
+    """Sr-DPO's refinement term (Yu et al. 2024, arXiv:2405.21040, eq. 12), without gradient:
+    Δ = β·[(aug_w − aug_ref_w) − (aug_l − aug_ref_l)] (an absent reference counts 0), in float32 for 16/32-bit
+    inputs, float64 for float64. refinement="naive" is the same formula on the plain log-probs: Δ = sg(βh)."""
+    dtype = torch.float64 if aug_chosen.dtype == torch.float64 else torch.float32
+
+    def ratio(policy: Tensor, ref: Tensor | None) -> Tensor:
+        policy = policy.detach().to(dtype)
+        return policy if ref is None else policy - ref.detach().to(dtype)
+
+    return beta * (ratio(aug_chosen, aug_ref_chosen) - ratio(aug_rejected, aug_ref_rejected))
+
+
 def f_divergence_score(logratio: Tensor, params: LossParams) -> Tensor:
     """TRL's f-divergence scores f'(t) at t = π/π_ref, written in r = log t (Wang et al. 2023, arXiv:2309.16240).
 
@@ -94,6 +129,12 @@ def _softplus(x: Tensor) -> Tensor:
     return torch.logaddexp(x, torch.zeros_like(x))
 
 
+def _sigmoid(x: Tensor) -> Tensor:
+    """σ(x) = e^(−sp(−x)): its autograd derivative σ(x)·σ(−x) stays exact in both tails (torch.sigmoid's,
+    σ·(1 − σ), is 0 once σ rounds to 1)."""
+    return torch.exp(-_softplus(-x))
+
+
 def _smoothed(z: Tensor, eps: float) -> Tensor:
     """(1 − ε)·sp(−z) + ε·sp(z): the logistic loss with label smoothing ε."""
     return (1 - eps) * _softplus(-z) + eps * _softplus(z)
@@ -117,7 +158,8 @@ class LossDefinition:
     smoothing: tuple[float, float, bool, bool] | None = None
     takes_offset: bool = False
     f_divergence: bool = False
-    refined: bool = False
+    refined: bool = False  # reads Δ: the aug_* log-probs (or refinement="naive")
+    reference_free: bool = False  # reads no reference log-probs
 
     @property
     def formula(self) -> str:
@@ -190,7 +232,7 @@ def robust(t: PairTerms, p: LossParams) -> Tensor:
     z = β·(s_w − s_l) − o."""
     z = _score_logit(t, p)
     eps = p.label_smoothing
-    return ((1 - eps) * _softplus(-z) - eps * _softplus(z)) / (1 - 2 * eps)
+    return _softplus(-z) - eps / (1 - 2 * eps) * z  # the same, as sp(z) = sp(−z) + z: no terms ~1/(1 − 2ε) cancel
 
 
 @loss("exo_pair", smoothing=(0.0, 1.0, False, False), takes_offset=True, f_divergence=True)
@@ -199,8 +241,8 @@ def exo_pair(t: PairTerms, p: LossParams) -> Tensor:
     z = β·(s_w − s_l) − o."""
     z = _score_logit(t, p)
     eps = p.label_smoothing
-    return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
-            + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    return (_sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+            + _sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
 
 
 @loss("nca_pair")
@@ -226,9 +268,10 @@ def sppo_hard(t: PairTerms, p: LossParams) -> Tensor:
 @loss("aot", kind="sorted", smoothing=(0.0, 1.0, True, True))
 def aot(t: PairTerms, p: LossParams) -> Tensor:
     """AOT, paired (Melnyk et al. 2024, arXiv:2406.05882): z_i = β·(sort(π_w − π_l)_i − sort(ref_w − ref_l)_i),
-    ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i) (i is the sorted position, not the pair)."""
-    policy = torch.sort(t.chosen - t.rejected).values
-    reference = torch.sort(t.ref_chosen - t.ref_rejected).values
+    ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i) (i is the sorted position, not the pair; sorts are stable: tied values keep
+    pair order, which fixes the subgradient at ties)."""
+    policy = torch.sort(t.chosen - t.rejected, stable=True).values
+    reference = torch.sort(t.ref_chosen - t.ref_rejected, stable=True).values
     return _smoothed(p.beta * (policy - reference), p.label_smoothing)
 
 
@@ -236,34 +279,35 @@ def aot(t: PairTerms, p: LossParams) -> Tensor:
 def aot_unpaired(t: PairTerms, p: LossParams) -> Tensor:
     """AOT, unpaired (Melnyk et al. 2024, arXiv:2406.05882): z_i = β·(sort(r_w)_i − sort(r_l)_i),
     ℓ_i = (1 − ε)·sp(−z_i) + ε·sp(z_i)."""
-    chosen = torch.sort(t.chosen_logratios).values
-    rejected = torch.sort(t.rejected_logratios).values
+    chosen = torch.sort(t.chosen_logratios, stable=True).values
+    rejected = torch.sort(t.rejected_logratios, stable=True).values
     return _smoothed(p.beta * (chosen - rejected), p.label_smoothing)
 
 
 @loss("apo_zero")
 def apo_zero(t: PairTerms, p: LossParams) -> Tensor:
-    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7): ℓ = 1 − σ(βr_w) + σ(βr_l)."""
-    return 1 - torch.sigmoid(p.beta * t.chosen_logratios) + torch.sigmoid(p.beta * t.rejected_logratios)
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7): ℓ = 1 − σ(βr_w) + σ(βr_l)
+    (1 − σ(x) evaluated as σ(−x))."""
+    return _sigmoid(-p.beta * t.chosen_logratios) + _sigmoid(p.beta * t.rejected_logratios)
 
 
 @loss("apo_down")
 def apo_down(t: PairTerms, p: LossParams) -> Tensor:
-    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8): ℓ = σ(βr_w) + 1 − σ(β·(r_w − r_l))."""
+    """APO-down (D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8): ℓ = σ(βr_w) + 1 − σ(β·(r_w − r_l))
+    (1 − σ(x) evaluated as σ(−x))."""
     a, b = p.beta * t.chosen_logratios, p.beta * t.rejected_logratios
-    return torch.sigmoid(a) + 1 - torch.sigmoid(a - b)
+    return _sigmoid(a) + _sigmoid(b - a)
 
 
 @loss("discopop", takes_offset=True, f_divergence=True)
 def discopop(t: PairTerms, p: LossParams) -> Tensor:
     """DiscoPOP / LRML (Chris Lu et al. 2024, arXiv:2406.08414, eq. 5): z = β·(s_w − s_l) − o, m = σ(z/τ_d),
-    ℓ = (1 − m)·sp(−z) + m·e^(−z)  (τ_d = discopop_tau; m·e^(−z) evaluated as e^(log σ(z/τ_d) − z))."""
+    ℓ = (1 − m)·sp(−z) + m·e^(−z)  (τ_d = discopop_tau; 1 − m as σ(−z/τ_d), m·e^(−z) as e^(log σ(z/τ_d) − z))."""
     z = _score_logit(t, p)
-    m = torch.sigmoid(z / p.discopop_tau)
-    return (1 - m) * _softplus(-z) + torch.exp(F.logsigmoid(z / p.discopop_tau) - z)
+    return _sigmoid(-z / p.discopop_tau) * _softplus(-z) + torch.exp(F.logsigmoid(z / p.discopop_tau) - z)
 
 
-@loss("sft", kind="batch", requires=("chosen_counts",), f_divergence=True)
+@loss("sft", kind="batch", requires=("chosen_counts",), f_divergence=True, reference_free=True)
 def sft(t: PairTerms, p: LossParams) -> Tensor:
     """SFT term of RPO (Pang et al. 2024, arXiv:2404.19733), TRL's batch token mean:
     ℓ_i = −Σ_j chosen_j / Σ_j n_w,j for every pair i."""
@@ -281,7 +325,7 @@ def cdpo(t: PairTerms, p: LossParams) -> Tensor:
     return _smoothed(_score_logit(t, p), p.label_smoothing)
 
 
-@loss("simpo", requires=_COUNTS, smoothing=(0.0, 1.0, True, True), takes_offset=True)
+@loss("simpo", requires=_COUNTS, smoothing=(0.0, 1.0, True, True), takes_offset=True, reference_free=True)
 def simpo(t: PairTerms, p: LossParams) -> Tensor:
     """SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free: z = β·(π_w/n_w − π_l/n_l) − γ − o,
     ℓ = −(1 − ε)·log σ(z) − ε·log σ(−z)  (γ = simpo_gamma, absolute as in TRL's CPO)."""
@@ -322,6 +366,9 @@ def sr_ipo(t: PairTerms, p: LossParams) -> Tensor:
 
 
 LOSS_TYPES: tuple[str, ...] = tuple(LOSS_DEFINITIONS)
+LOSS_CODES: dict[str, int] = {name: d.code for name, d in LOSS_DEFINITIONS.items()}
+REFINED_LOSS_TYPES: frozenset[str] = frozenset(n for n, d in LOSS_DEFINITIONS.items() if d.refined)
+REFERENCE_FREE_LOSS_TYPES: frozenset[str] = frozenset(n for n, d in LOSS_DEFINITIONS.items() if d.reference_free)
 TRL_LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",

@@ -1,16 +1,19 @@
 """The "torch" backend: the table's formulas evaluated with plain PyTorch ops; autograd gives the gradients.
 
-The float64 oracle (:mod:`fastpref.losses.oracle`) runs this same evaluation in float64; the backend runs it
-in float32. Δ (the Sr-DPO refinement) is detached, so no gradient flows through it.
+Its ``KERNELS`` implements :meth:`LossKernels.run` directly rather than the compiled backends' forward/backward
+pair: it has no hand-written derivative (autograd differentiates the table, a second derivation besides the
+kernels'), and plain differentiable ops are what torch.compile traces best. Arithmetic in float32 for 16/32-bit
+inputs, float64 for float64; Δ (the Sr-DPO refinement) is detached.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastpref.losses.table import PairTerms, f_divergence_score
+from fastpref.losses.fused import LossKernels
 from fastpref.losses.inputs import PreferenceProblem
 from fastpref.losses.output import PreferenceLossOutput
+from fastpref.losses.table import PairTerms, f_divergence_score
 
 
 def pair_terms(problem: PreferenceProblem, dtype: torch.dtype) -> PairTerms:
@@ -24,14 +27,6 @@ def pair_terms(problem: PreferenceProblem, dtype: torch.dtype) -> PairTerms:
     def optional(value):
         return None if value is None else value.to(dtype)
 
-    refinement = None
-    if any(d.refined for d in problem.definitions):
-        if problem.refinement == "naive":
-            refinement = params.beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
-        else:
-            aug_w, aug_l, aug_ref_w, aug_ref_l = (a.to(dtype) for a in problem.aug)
-            refinement = params.beta * ((aug_w - aug_ref_w) - (aug_l - aug_ref_l))
-        refinement = refinement.detach()
     return PairTerms(
         chosen=chosen, rejected=rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected,
         chosen_scores=f_divergence_score(chosen - ref_chosen, params),
@@ -40,12 +35,14 @@ def pair_terms(problem: PreferenceProblem, dtype: torch.dtype) -> PairTerms:
         rejected_counts=optional(problem.rejected_counts),
         offset=zeros if problem.offset is None else problem.offset.to(dtype),
         tau=optional(problem.tau),
-        refinement=refinement,
+        refinement=optional(problem.delta()),
     )
 
 
-def evaluate(problem: PreferenceProblem, dtype: torch.dtype) -> PreferenceLossOutput:
-    """loss = mean_i Σ_k loss_weights[k]·weights_i·ℓ_k,i in `dtype`, with TRL's detached rewards."""
+def evaluate(problem: PreferenceProblem) -> PreferenceLossOutput:
+    """loss = mean_i Σ_k loss_weights[k]·weights_i·ℓ_k,i in the problem's compute dtype, with TRL's detached
+    rewards."""
+    dtype = problem.compute_dtype
     terms = pair_terms(problem, dtype)
     losses = torch.zeros_like(terms.chosen)
     for definition, loss_weight in zip(problem.definitions, problem.loss_weights):
@@ -56,3 +53,13 @@ def evaluate(problem: PreferenceProblem, dtype: torch.dtype) -> PreferenceLossOu
     rejected_rewards = problem.params.beta * (terms.rejected - terms.ref_rejected).detach()
     return PreferenceLossOutput(loss=losses.mean(), losses=losses, chosen_rewards=chosen_rewards,
                                 rejected_rewards=rejected_rewards, margins=chosen_rewards - rejected_rewards)
+
+
+class TorchLossKernels(LossKernels):
+    name = "torch"
+
+    def run(self, problem: PreferenceProblem) -> PreferenceLossOutput:
+        return evaluate(problem)
+
+
+KERNELS = TorchLossKernels()

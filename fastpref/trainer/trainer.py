@@ -21,7 +21,7 @@ from transformers import DynamicCache, Trainer, set_seed
 
 from fastpref.logps.inputs import skip_value_checks
 from fastpref.losses import bt_tau, odpo_offset, preference_loss
-from fastpref.losses.table import LOSS_DEFINITIONS
+from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
 from fastpref.model.tree_logps import tree_forward_inputs
@@ -37,9 +37,6 @@ from fastpref.trainer.ref_cache import (attach_columns, cache_fingerprint, colla
 from fastpref.trainer.ref_store import RefLogpsStore
 from fastpref.trainer.refinement import check_refinement_prefix, refinement_prefix
 from fastpref.trainer.tokenize import tokenize_dataset
-
-# Loss types whose formula reads no reference log-probs (SimPO; RPO's SFT term): alone they need no reference.
-REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "sft"})
 
 
 class PreferenceTrainer(Trainer):
@@ -71,7 +68,7 @@ class PreferenceTrainer(Trainer):
             raise ValueError("processing_class has no pad token: set tokenizer.pad_token")
         set_seed(args.seed)  # as TRL: before the model and its peft adapters are built (their init draws from the RNG)
         model = _policy_model(model, tokenizer, args, peft_config)
-        self._needs_reference = any(name not in REFERENCE_FREE_LOSS_TYPES for name in args.loss_type)
+        self._needs_reference = any(not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
         self.ref_model = self._reference_model(model, ref_model, tokenizer, args)
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
         args.stream_layout = self.stream_layout = resolve_stream_layout(model, args)
@@ -308,7 +305,9 @@ class PreferenceTrainer(Trainer):
                               **self._loss_settings(), **refine, **self._pair_extras(inputs))
         delta = None
         if args.uses_refinement:  # refinement="naive": Δ is the plain implicit reward margin (stop-gradient)
-            delta = _refinement_delta(refine, args.beta) if refine else out.margins
+            delta = out.margins if not refine else refinement_delta(
+                args.beta, refine["aug_chosen_logps"], refine["aug_rejected_logps"], refine["aug_ref_chosen_logps"],
+                refine["aug_ref_rejected_logps"])
         self._metrics[mode].update(pair_metrics(out, chosen, rejected, delta, args.refine_lambda))
         return (out.loss, out) if return_outputs else out.loss
 
@@ -374,13 +373,3 @@ def _policy_model(model, tokenizer, args: PreferenceConfig, peft_config):
     if args.disable_dropout:
         disable_dropout(model)
     return model
-
-
-def _refinement_delta(refine: dict, beta: float) -> torch.Tensor:
-    """Δ = β·[(aug_w − aug_ref_w) − (aug_l − aug_ref_l)] (reference treated as 0 when absent)."""
-    def ratio(policy, ref):
-        return policy.detach() if ref is None else policy.detach() - ref
-
-    return beta * (ratio(refine["aug_chosen_logps"], refine["aug_ref_chosen_logps"])
-                   - ratio(refine["aug_rejected_logps"], refine["aug_ref_rejected_logps"]))
-
