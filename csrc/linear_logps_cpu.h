@@ -20,6 +20,7 @@ constexpr int64_t kForwardItems = 64;              // forward work items to aim 
 constexpr int64_t kRowItems = 8;                   // backward dH work items to aim for (row tiles are shortened)
 constexpr int64_t kMinRowBlock = 128;              // ... but not below this many rows
 constexpr int64_t kFusedGroups = 16;               // fused backward: vocabulary groups (work items) per row tile
+constexpr int64_t kUnitBytes = int64_t{16} << 20;  // frozen-head forward: float64 partials of Σ p·W, all segments
 
 struct Tiling {
   int64_t rows;
@@ -46,7 +47,8 @@ inline int64_t short_row_block(int64_t active_rows) {
   return std::max<int64_t>(1, std::min({std::max(rows, kMinRowBlock), kRowBlock, active_rows}));
 }
 
-// The active rows, gathered and upcast; the bias upcast; the labels of the active rows.
+// The active rows, gathered and upcast; the bias upcast; the labels of the active rows (-1 for a label outside
+// [0, V), so that no index arithmetic on a bad label can overflow or land inside the vocabulary).
 struct GatheredRows {
   at::Tensor index;     // [n] int64: position of each active row in the input
   at::Tensor hidden;    // [n, D] accumulation type, contiguous
@@ -64,14 +66,21 @@ inline at::Tensor weight_block(const at::Tensor& weight, int64_t start, int64_t 
   return upcast;
 }
 
+// What the backward needs per gathered row, in the accumulation type: the forward's row max and
+// log Σ exp(z − max) (kept apart: p = exp((z − max) − log_sum) is exact to the dtype) and g / T.
+template <typename acc_t>
+struct RowStats {
+  std::vector<acc_t> max, log_sum, grad_scale;
+};
+
 // The backward over the gathered rows (linear_logps_backward_cpu.cpp). dhidden_rows: [n, D] float64 zeros or
 // undefined; dweight: [V, D] zeros in the weight's dtype or undefined; dbias: [V] zeros in the bias dtype or
-// undefined; row_lse and grad_scale (g / T) per gathered row, in the accumulation type.
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<float>& row_lse,
-                   const std::vector<float>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<double>& row_lse,
-                   const std::vector<double>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
+// undefined.
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<float>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias);
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<double>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias);
 
 }  // namespace fastpref::cpu::linear
