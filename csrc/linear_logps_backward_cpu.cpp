@@ -52,6 +52,7 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
     at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
     at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
     at::Tensor product = at::empty({tiling.rows, dim}, opts);
+    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r0 = item * tiling.rows;
       const int64_t rn = std::min(tiling.rows, n - r0);
@@ -61,7 +62,7 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
         const int64_t vn = std::min(tiling.vocab, vocab - v0);
         const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        at::mm_out(logits, hidden.narrow(0, r0, rn), w_block.t());
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
         p.grad_tile(logits.data_ptr<acc_t>(), rn, vn, r0, v0);
         for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
           const int64_t kn = std::min(kGemmDepth, vn - k0);
@@ -91,10 +92,13 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
     at::Tensor product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
     at::Tensor dw_acc = dweight.defined() ? at::empty({tiling.vocab, dim}, opts.dtype(at::kDouble)) : at::Tensor();
     at::Tensor db_acc = dbias.defined() ? at::empty({tiling.vocab}, opts.dtype(at::kDouble)) : at::Tensor();
+    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t v0 = item * tiling.vocab;
       const int64_t vn = std::min(tiling.vocab, vocab - v0);
-      const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
+      // only the logits GEMM reads the weight here: no upcast block when it runs natively
+      const at::Tensor w_block =
+          p.rows.low_hidden.defined() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
       double* dw = dweight.defined() ? dw_acc.data_ptr<double>() : nullptr;
       double* db = dbias.defined() ? db_acc.data_ptr<double>() : nullptr;
       if (dw != nullptr) std::fill(dw, dw + vn * dim, 0.0);
@@ -102,7 +106,7 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
       for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
         const int64_t rn = std::min(tiling.rows, n - r0);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        at::mm_out(logits, hidden.narrow(0, r0, rn), w_block.t());
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
         acc_t* base = logits.data_ptr<acc_t>();
         p.grad_tile(base, rn, vn, r0, v0);
         if (dw != nullptr) {
@@ -158,6 +162,7 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
       at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
       at::Tensor dh_product = at::empty({rn, dim}, opts);
       at::Tensor dw_product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
+      at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
       const acc_t* dh_prod = dh_product.data_ptr<acc_t>();
       for (int64_t group = begin; group < end; ++group) {
         acc_t* partial = partials.data_ptr<acc_t>() + group * tiling.rows * dim;
@@ -168,7 +173,7 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
           const int64_t vn = std::min(tiling.vocab, vocab - v0);
           const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
           at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-          at::mm_out(logits, h_rows, w_block.t());
+          logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
           acc_t* base = logits.data_ptr<acc_t>();
           p.grad_tile(base, rn, vn, r0, v0);
           for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {

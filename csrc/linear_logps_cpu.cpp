@@ -42,10 +42,13 @@
 // their accuracy measures. linear_logps_cpu.h: tiling and the gathered rows, shared by both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -112,6 +115,29 @@ std::vector<int64_t> active_rows(const int64_t* labels, const double* grad, int6
   return rows;
 }
 
+}  // namespace
+
+namespace linear {
+
+bool native_low_precision_logits(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return false;
+  const char* off = std::getenv("FASTPREF_CPU_NATIVE_BF16");
+  if (off != nullptr && std::strcmp(off, "0") == 0) return false;
+  static const bool supported = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto has = [&](const char* key) {
+      const auto it = caps.find(key);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  return supported;
+}
+
+}  // namespace linear
+
+namespace {
+
 at::Tensor index_tensor(const std::vector<int64_t>& rows) {
   return at::from_blob(const_cast<int64_t*>(rows.data()), {static_cast<int64_t>(rows.size())}, at::kLong)
       .clone();
@@ -131,7 +157,7 @@ struct RowEpilogue {
 
 // Per-thread scratch of the forward: one logits tile, one upcast weight block, one [rows, D] GEMM product.
 struct ForwardScratch {
-  at::Tensor tile, weight_buffer, product;
+  at::Tensor tile, weight_buffer, product, low_tile;
 };
 
 // unit[i, :] += Σ_j weights[i, j]·w_block[j, :] for the rows of `weights` [rn, vn], the GEMM's inner dimension
@@ -159,6 +185,7 @@ GatheredRows gather_rows(const at::Tensor& hidden, const std::optional<at::Tenso
   if (bias.has_value()) g.bias = bias->to(acc).contiguous();
   g.labels.reserve(rows.size());
   for (int64_t r : rows) g.labels.push_back(labels[r] >= 0 && labels[r] < vocab ? labels[r] : -1);
+  if (native_low_precision_logits(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
   return g;
 }
 
@@ -206,15 +233,16 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
                   ForwardScratch& scratch) {
   const int64_t n = rows.hidden.size(0), vocab = weight.size(0), dim = weight.size(1);
   const int64_t rn = std::min(plan.tiling.rows, n - r0);
-  const at::Tensor h_rows = rows.hidden.narrow(0, r0, rn);
   double* unit = parts.unit.defined() ? parts.unit.template data_ptr<double>() + (segment * n + r0) * dim : nullptr;
   const int64_t last_block = std::min(plan.vocab_blocks, (segment + 1) * plan.blocks_per_segment);
   for (int64_t block = segment * plan.blocks_per_segment; block < last_block; ++block) {
     const int64_t v0 = block * plan.tiling.vocab;
     const int64_t vn = std::min(plan.tiling.vocab, vocab - v0);
-    const at::Tensor w_block = weight_block(weight, v0, vn, scratch.weight_buffer);
+    // the upcast block is needed for Σ p·W, and for the logits unless they are computed natively
+    const bool need_block = unit != nullptr || !rows.low_hidden.defined();
+    const at::Tensor w_block = need_block ? weight_block(weight, v0, vn, scratch.weight_buffer) : at::Tensor();
     at::Tensor logits = scratch.tile.narrow(0, 0, rn * vn).view({rn, vn});
-    at::mm_out(logits, h_rows, w_block.t());
+    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low_tile);
     acc_t* base = logits.data_ptr<acc_t>();
     for (int64_t i = 0; i < rn; ++i) {
       acc_t* z = base + i * vn;
@@ -246,19 +274,22 @@ at::Tensor hidden_grad_from_unit(const GatheredRows& rows, const at::Tensor& wei
                                  const RowEpilogue<acc_t>& epi, double temperature) {
   const int64_t n = unit.size(0);
   std::vector<int64_t> safe_labels(n);
-  std::vector<double> coef(n), inv_sum(n);
+  std::vector<acc_t> coef(n);
+  std::vector<double> inv_sum(n);
   for (int64_t i = 0; i < n; ++i) {
     const bool valid = rows.labels[i] >= 0;
-    const acc_t t = target[i] * epi.cap_k;  // as online_softmax_weights forms 1 − tanh², so V = 1 gives exactly 0
+    // formed, and multiplied by W[y] below, in the accumulation type exactly as the tile weights are, so that
+    // V = 1 (p = 1) gives exactly 0
+    const acc_t t = target[i] * epi.cap_k;
     safe_labels[i] = valid ? rows.labels[i] : 0;
-    coef[i] = valid ? double(acc_t(1) - t * t) : 0.0;
+    coef[i] = valid ? (acc_t(1) - t) * (acc_t(1) + t) : acc_t(0);
     inv_sum[i] = 1.0 / double(sum[i]);
   }
-  const auto f64 = unit.options();
-  const at::Tensor w_target = weight.index_select(0, index_tensor(safe_labels)).to(at::kDouble);
-  const at::Tensor coef_t = at::from_blob(coef.data(), {n, 1}, f64.dtype(at::kDouble));
-  const at::Tensor inv_sum_t = at::from_blob(inv_sum.data(), {n, 1}, f64.dtype(at::kDouble));
-  return ((w_target * coef_t - unit * inv_sum_t) * (1.0 / temperature)).to(rows.hidden.scalar_type());
+  const auto acc = rows.hidden.scalar_type();
+  const at::Tensor w_target = weight.index_select(0, index_tensor(safe_labels)).to(acc);
+  const at::Tensor coef_t = at::from_blob(coef.data(), {n, 1}, unit.options().dtype(acc));
+  const at::Tensor inv_sum_t = at::from_blob(inv_sum.data(), {n, 1}, unit.options());
+  return (((w_target * coef_t).to(at::kDouble) - unit * inv_sum_t) * (1.0 / temperature)).to(acc);
 }
 
 // Merges the segments of each row in segment order: max, log Σ and (frozen head) the unit, rescaled to the
@@ -317,7 +348,8 @@ RowSoftmax<acc_t> forward_rows(const GatheredRows& rows, const at::Tensor& weigh
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     ForwardScratch scratch{at::empty({plan.tiling.rows * plan.tiling.vocab}, opts),
                            upcast ? at::empty({plan.tiling.vocab * dim}, opts) : at::Tensor(),
-                           want_hidden_grad ? at::empty({plan.tiling.rows, dim}, opts) : at::Tensor()};
+                           want_hidden_grad ? at::empty({plan.tiling.rows, dim}, opts) : at::Tensor(),
+                           low_precision_tile(rows, plan.tiling.rows * plan.tiling.vocab)};
     for (int64_t item = begin; item < end; ++item) {
       forward_item(rows, weight, plan, item % plan.segments, (item / plan.segments) * plan.tiling.rows, epi, parts,
                    out.target, scratch);

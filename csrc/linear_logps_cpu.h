@@ -54,7 +54,33 @@ struct GatheredRows {
   at::Tensor hidden;    // [n, D] accumulation type, contiguous
   at::Tensor bias;      // [V] accumulation type, or undefined
   std::vector<int64_t> labels;
+  at::Tensor low_hidden;  // [n, D] in the input dtype when the logits GEMMs run natively in it, else undefined
 };
+
+// Whether the logits GEMMs h·Wᵀ of `dtype` inputs run natively in it: bf16 on a CPU with AVX-512 BF16 or AMX
+// (oneDNN: bf16 products accumulated in float32, the result rounded to bf16 once — exactly the logits eager bf16
+// computes), unless FASTPREF_CPU_NATIVE_BF16=0. Elsewhere (and for fp16, fp32, fp64) tiles are upcast to the
+// accumulation type. The dH, dW and Σ p·W GEMMs always run in the accumulation type.
+bool native_low_precision_logits(at::ScalarType dtype);
+
+// Per-thread scratch for native logits GEMMs (undefined when they do not run natively).
+inline at::Tensor low_precision_tile(const GatheredRows& rows, int64_t elems) {
+  return rows.low_hidden.defined() ? at::empty({elems}, rows.low_hidden.options()) : at::Tensor();
+}
+
+// logits [rn, vn] (accumulation type) = gathered rows r0.. · (weight rows v0..)ᵀ: natively in the input dtype
+// into low_tile and then upcast when rows.low_hidden is defined, else from the upcast block w_block.
+inline void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
+                        int64_t v0, const at::Tensor& w_block, at::Tensor& low_tile) {
+  const int64_t rn = logits.size(0), vn = logits.size(1);
+  if (!rows.low_hidden.defined()) {
+    at::mm_out(logits, rows.hidden.narrow(0, r0, rn), w_block.t());
+    return;
+  }
+  at::Tensor low = low_tile.narrow(0, 0, rn * vn).view({rn, vn});
+  at::mm_out(low, rows.low_hidden.narrow(0, r0, rn), weight.narrow(0, v0, vn).t());
+  logits.copy_(low);
+}
 
 // Rows [start, start + count) of the contiguous weight in the accumulation type: a view when no upcast is
 // needed, else a copy into `buffer`.
