@@ -9,8 +9,8 @@ side in one run:
 - trl:        TRL 1.16 ChunkedLogProbFunction (its torch fold path on CPU, chunk 32768 as its trainer)
 - cpp:        fastpref.linear_logps(backend="cpp", return_token_logps=True)
 
-Each record: best-of-R wall time (the machine is shared; the best run is the least disturbed), peak resident memory
-above the inputs during one run (fastpref.profiling.peak_memory), GFLOP/s-equivalent (2·N·D·V per GEMM the pass
+Each record: best-of-R wall time after one warm-up (the machine is shared; the best run is the least disturbed),
+peak resident memory above the inputs during the timed runs (fastpref.profiling.peak_memory), GFLOP/s-equivalent (2·N·D·V per GEMM the pass
 needs), time over cpp's and over the GEMM floor. Results: benchmarks/results/linear_logps_cpu_heads.json + .png.
 
     python benchmarks/bench_linear_logps_cpu.py                      # all (≈ minutes on 2 cores)
@@ -75,14 +75,14 @@ def _step(impl, backward, hidden, weight, labels, upstream):
     return run
 
 
-def _best_time(step, rounds: int) -> float:
+def _best_time_and_peak(step, rounds: int) -> tuple[float, int]:
     step()  # warm-up (and compilation)
-    best = float("inf")
+    best, peak = float("inf"), 0
     for _ in range(rounds):
         start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best
+        _, used = peak_memory(step)
+        best, peak = min(best, time.perf_counter() - start), max(peak, used)
+    return best, peak
 
 
 def _measure(impl, mode, head, shape, dtype_name, rounds):
@@ -94,8 +94,7 @@ def _measure(impl, mode, head, shape, dtype_name, rounds):
     labels = torch.randint(0, vocab, (rows,), generator=gen)
     upstream = torch.randn(rows, generator=gen)
     step = _step(impl, mode == "fwd+bwd", hidden, weight, labels, upstream)
-    seconds = _best_time(step, rounds)
-    _, peak = peak_memory(step)
+    seconds, peak = _best_time_and_peak(step, rounds)
     gemms = GEMMS[(mode, head)]
     if impl == "gemm_floor":
         seconds *= gemms
@@ -122,7 +121,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=[f"{n}x{d}x{v}" for n, d, v in SHAPES])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=["fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args(argv)
     records = []
     for shape in (tuple(int(x) for x in s.split("x")) for s in args.shapes):
