@@ -138,11 +138,16 @@ def main(argv=None):
                                        best_ms=None, error=f"{type(exc).__name__}: {exc}"[:300])
                         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
                         records.append(rec)
-    _add_ratios([r for r in records if r.get("best_ms") is not None])
-    path = save_results(RESULTS_NAME, records, meta=dict(timing="best of --rounds after one warm-up",
-                                                         upstream="randn per token", rows_scored="all"))
+                        path = _save(records, args)  # after every record: a stopped run keeps what it measured
     plot_results(path, x="case", y="best_ms", group="impl", facet="head", log_y=True)
     print(path)
+
+
+def _save(records, args):
+    _add_ratios([r for r in records if r.get("best_ms") is not None])
+    return save_results(RESULTS_NAME, records, meta=dict(timing=f"best of {args.rounds} after one warm-up",
+                                                         upstream="randn per token", rows_scored="all",
+                                                         impls=args.impls))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@
 // Tiling. Only the active rows (label ≠ ignore_index; in backward also g_t ≠ 0) are gathered and upcast once
 // to the accumulation type (float32 for fp16/bf16/fp32, float64 for fp64); the others cost no vocabulary work
 // and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM (at::mm on
-// upcast operands, MKL) into a per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias,
-// softcap, temperature, and the online log-sum-exp (forward) or the in-place softmax gradient (backward).
+// upcast operands, MKL; for bf16 on a CPU with AVX-512 BF16 or AMX the logits GEMM instead runs in bf16 through
+// oneDNN, float32 accumulation and one bf16 rounding like eager's logits — native_low_precision_logits) into a
+// per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias, softcap, temperature, and the
+// online softmax (forward) or the in-place softmax gradient (backward). The dH, dW and Σ p·W GEMMs run on
+// upcast operands.
 //
 // Parallelism. Work is cut into items that own their outputs (no atomics, no reduction across threads); an
 // item runs its tiles on one thread, so its GEMMs run single-threaded:
