@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "linear_logps_cpu.h"
@@ -14,53 +13,24 @@
 namespace fastpref::cpu::linear {
 namespace {
 
-// The active rows whose label lies in [0, V), sorted by label (then by row): the one-hot terms of dW and db,
-// grouped so that each dW row gets its terms in row order.
-struct LabelGroups {
-  std::vector<int64_t> rows;    // gathered-row indices, sorted by (label, row)
-  std::vector<int64_t> labels;  // their labels
-
-  LabelGroups(const std::vector<int64_t>& row_labels, int64_t vocab) {
-    for (int64_t i = 0; i < static_cast<int64_t>(row_labels.size()); ++i) {
-      if (row_labels[i] >= 0 && row_labels[i] < vocab) rows.push_back(i);
-    }
-    std::stable_sort(rows.begin(), rows.end(),
-                     [&](int64_t a, int64_t b) { return row_labels[a] < row_labels[b]; });
-    for (int64_t r : rows) labels.push_back(row_labels[r]);
-  }
-
-  // Range [first, last) of entries whose label lies in [v0, v0 + vn).
-  std::pair<int64_t, int64_t> entries_in(int64_t v0, int64_t vn) const {
-    const auto first = std::lower_bound(labels.begin(), labels.end(), v0);
-    const auto last = std::lower_bound(first, labels.end(), v0 + vn);
-    return {first - labels.begin(), last - labels.begin()};
-  }
-};
-
 // What the backward needs per active row, and the scalars of the op.
 template <typename acc_t>
 struct BackwardProblem {
   const GatheredRows& rows;
   const at::Tensor& weight;            // [V, D] contiguous, input dtype
-  const std::vector<acc_t>& lse;       // per active row
-  const std::vector<acc_t>& grad_scale;  // g_t / T per active row
+  const RowStats<acc_t>& stats;        // row max, log-sum and g_t / T per active row
   acc_t cap, cap_k, inv_temperature;   // softcap (0 = none), T / softcap (0 = none), 1 / T
 
-  // Raw tile [rn, vn] (rows r0.., vocabulary v0..) -> the softmax part of ∂/∂a, in place; coef[i] gets the
-  // one-hot coefficient g/T·(1 − tanh²) of row r0 + i when its label lies in the block, else 0.
-  void grad_tile(acc_t* base, int64_t rn, int64_t vn, int64_t r0, int64_t v0, acc_t* coef) const {
+  // Raw tile [rn, vn] (rows r0.., vocabulary v0..) -> ∂/∂a = (onehot(y) − p)·g/T·(1 − tanh²), in place.
+  void grad_tile(acc_t* base, int64_t rn, int64_t vn, int64_t r0, int64_t v0) const {
     const acc_t* bias = rows.bias.defined() ? rows.bias.template data_ptr<acc_t>() + v0 : nullptr;
     for (int64_t i = 0; i < rn; ++i) {
       acc_t* z = base + i * vn;
       const int64_t row = r0 + i;
       cap_and_temper(z, vn, bias, cap, inv_temperature);
-      const int64_t local = rows.labels[row] - v0;
-      coef[i] = 0;
-      if (local >= 0 && local < vn) {
-        const acc_t t = z[local] * cap_k;
-        coef[i] = grad_scale[row] * (acc_t(1) - t * t);
-      }
-      softmax_grad(z, vn, lse[row], grad_scale[row], cap_k, /*target=*/-1);
+      // labels are -1 or in [0, V): no overflow, and -1 adds no one-hot term
+      const int64_t local = rows.labels[row] >= 0 ? rows.labels[row] - v0 : -1;
+      softmax_grad(z, vn, stats.max[row], stats.log_sum[row], stats.grad_scale[row], cap_k, local);
     }
   }
 };
@@ -82,7 +52,7 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
     at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
     at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
     at::Tensor product = at::empty({tiling.rows, dim}, opts);
-    std::vector<acc_t> coef(tiling.rows);
+    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r0 = item * tiling.rows;
       const int64_t rn = std::min(tiling.rows, n - r0);
@@ -92,18 +62,12 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
         const int64_t vn = std::min(tiling.vocab, vocab - v0);
         const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        at::mm_out(logits, hidden.narrow(0, r0, rn), w_block.t());
-        p.grad_tile(logits.data_ptr<acc_t>(), rn, vn, r0, v0, coef.data());
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
+        p.grad_tile(logits.data_ptr<acc_t>(), rn, vn, r0, v0);
         for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
           const int64_t kn = std::min(kGemmDepth, vn - k0);
           at::mm_out(rows_product, logits.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
           for (int64_t j = 0; j < rn * dim; ++j) dh[r0 * dim + j] += prod[j];
-        }
-        const acc_t* w = w_block.data_ptr<acc_t>();
-        for (int64_t i = 0; i < rn; ++i) {
-          const int64_t local = p.rows.labels[r0 + i] - v0;
-          if (local < 0 || local >= vn) continue;
-          for (int64_t d = 0; d < dim; ++d) dh[(r0 + i) * dim + d] += double(coef[i]) * w[local * dim + d];
         }
       }
     }
@@ -121,8 +85,6 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
   const Tiling tiling = plan_tiles(tall_row_block(n), vocab, dim);
   const auto opts = hidden.options();
   const bool upcast = p.weight.scalar_type() != hidden.scalar_type();
-  const LabelGroups groups(p.rows.labels, vocab);
-  const acc_t* h = hidden.data_ptr<acc_t>();
   at::parallel_for(0, ceil_div(vocab, tiling.vocab), 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
@@ -130,11 +92,13 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
     at::Tensor product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
     at::Tensor dw_acc = dweight.defined() ? at::empty({tiling.vocab, dim}, opts.dtype(at::kDouble)) : at::Tensor();
     at::Tensor db_acc = dbias.defined() ? at::empty({tiling.vocab}, opts.dtype(at::kDouble)) : at::Tensor();
-    std::vector<acc_t> coef(n);
+    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t v0 = item * tiling.vocab;
       const int64_t vn = std::min(tiling.vocab, vocab - v0);
-      const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
+      // only the logits GEMM reads the weight here: no upcast block when it runs natively
+      const at::Tensor w_block =
+          p.rows.low_hidden.defined() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
       double* dw = dweight.defined() ? dw_acc.data_ptr<double>() : nullptr;
       double* db = dbias.defined() ? db_acc.data_ptr<double>() : nullptr;
       if (dw != nullptr) std::fill(dw, dw + vn * dim, 0.0);
@@ -142,9 +106,9 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
       for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
         const int64_t rn = std::min(tiling.rows, n - r0);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        at::mm_out(logits, hidden.narrow(0, r0, rn), w_block.t());
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
         acc_t* base = logits.data_ptr<acc_t>();
-        p.grad_tile(base, rn, vn, r0, v0, coef.data() + r0);
+        p.grad_tile(base, rn, vn, r0, v0);
         if (dw != nullptr) {
           at::Tensor block_product = product.narrow(0, 0, vn);
           at::mm_out(block_product, logits.t(), hidden.narrow(0, r0, rn));
@@ -156,16 +120,6 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
             for (int64_t j = 0; j < vn; ++j) db[j] += base[i * vn + j];
           }
         }
-      }
-      const auto [first, last] = groups.entries_in(v0, vn);
-      for (int64_t k = first; k < last; ++k) {
-        const int64_t row = groups.rows[k];
-        const int64_t local = groups.labels[k] - v0;
-        const double c = coef[row];
-        if (dw != nullptr) {
-          for (int64_t d = 0; d < dim; ++d) dw[local * dim + d] += c * h[row * dim + d];
-        }
-        if (db != nullptr) db[local] += c;
       }
       if (dw != nullptr) dweight.narrow(0, v0, vn).copy_(dw_acc.narrow(0, 0, vn));
       if (db != nullptr) dbias.narrow(0, v0, vn).copy_(db_acc.narrow(0, 0, vn));
@@ -197,21 +151,18 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
   at::Tensor dw_acc = !dweight.defined() ? at::Tensor() : dweight_direct ? dweight : at::zeros({vocab, dim}, opts);
   at::Tensor db_acc = dbias.defined() ? at::zeros({vocab}, opts.dtype(at::kDouble)) : at::Tensor();
   at::Tensor partials = at::empty({groups, tiling.rows, dim}, opts);
-  at::Tensor onehot_dh = at::empty({tiling.rows, dim}, opts);
-  const acc_t* h = hidden.data_ptr<acc_t>();
   double* dh = dhidden_rows.data_ptr<double>();
 
   for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
     const int64_t rn = std::min(tiling.rows, n - r0);
     const at::Tensor h_rows = hidden.narrow(0, r0, rn);
-    onehot_dh.zero_();
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
       at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
       at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
       at::Tensor dh_product = at::empty({rn, dim}, opts);
       at::Tensor dw_product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
-      std::vector<acc_t> coef(rn);
+      at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
       const acc_t* dh_prod = dh_product.data_ptr<acc_t>();
       for (int64_t group = begin; group < end; ++group) {
         acc_t* partial = partials.data_ptr<acc_t>() + group * tiling.rows * dim;
@@ -222,15 +173,14 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
           const int64_t vn = std::min(tiling.vocab, vocab - v0);
           const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
           at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-          at::mm_out(logits, h_rows, w_block.t());
+          logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
           acc_t* base = logits.data_ptr<acc_t>();
-          p.grad_tile(base, rn, vn, r0, v0, coef.data());
+          p.grad_tile(base, rn, vn, r0, v0);
           for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
             const int64_t kn = std::min(kGemmDepth, vn - k0);
             at::mm_out(dh_product, logits.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
             for (int64_t j = 0; j < rn * dim; ++j) partial[j] += dh_prod[j];
           }
-          const acc_t* w = w_block.data_ptr<acc_t>();
           acc_t* dw = dweight.defined() ? dw_acc.data_ptr<acc_t>() + v0 * dim : nullptr;
           double* db = dbias.defined() ? db_acc.data_ptr<double>() + v0 : nullptr;
           if (dw != nullptr) {
@@ -244,20 +194,9 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
               for (int64_t j = 0; j < vn; ++j) db[j] += base[i * vn + j];
             }
           }
-          for (int64_t i = 0; i < rn; ++i) {  // one-hot terms of the rows whose label is in this block
-            const int64_t local = p.rows.labels[r0 + i] - v0;
-            if (local < 0 || local >= vn) continue;
-            acc_t* oh = onehot_dh.data_ptr<acc_t>() + i * dim;
-            for (int64_t d = 0; d < dim; ++d) oh[d] = coef[i] * w[local * dim + d];
-            if (dw != nullptr) {
-              for (int64_t d = 0; d < dim; ++d) dw[local * dim + d] += coef[i] * h[(r0 + i) * dim + d];
-            }
-            if (db != nullptr) db[local] += coef[i];
-          }
         }
       }
     });
-    const acc_t* oh = onehot_dh.data_ptr<acc_t>();
     at::parallel_for(0, rn, 16, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         double* out = dh + (r0 + i) * dim;
@@ -265,7 +204,6 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
           const acc_t* partial = partials.data_ptr<acc_t>() + (group * tiling.rows + i) * dim;
           for (int64_t d = 0; d < dim; ++d) out[d] += partial[d];
         }
-        for (int64_t d = 0; d < dim; ++d) out[d] += oh[i * dim + d];
       }
     });
   }
@@ -281,18 +219,17 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
 // sum (at V = 2^20 a single GEMM over the vocabulary was off by 1e-3 relative). So each GEMM's inner dimension
 // is bounded (kGemmDepth vocabulary entries for dH, one row tile for dW) and each product is formed from zero
 // and added to an accumulator: float64 for dH and db, float64 per block for dW alone, the accumulation dtype
-// for dW in the fused pass (one addition per row tile, ~1e-6 relative at V = 2^20). The tiles carry only the
-// softmax part −softmax(z)·g/T·(1 − tanh²); the one-hot part coef_t = g_t/T·(1 − tanh²(a_t[y_t]/c)) is added
-// separately (dH_t += coef_t·W[y_t], dW[y_t] += coef_t·h_t, db[y_t] += coef_t, in row order), so the large
-// term never sits in an accumulator that many tiny terms are added to afterwards inside one GEMM.
+// for dW in the fused pass (one addition per row tile, ~1e-6 relative at V = 2^20). The tiles carry the whole
+// (onehot(y) − p)·g/T·(1 − tanh²), the one-hot term added to its entry before any GEMM, so that
+// 1 − p_y cancels in one element, exactly when p_y = 1 (V = 1 gives gradients of exactly 0), and p itself is
+// exp((z − max) − log Σ) with the row max and log-sum kept apart.
 template <typename acc_t>
-void backward_rows_impl(const GatheredRows& rows, const at::Tensor& weight, const std::vector<acc_t>& row_lse,
-                        const std::vector<acc_t>& grad_scale, double temperature, double softcap,
-                        at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias) {
+void backward_rows_impl(const GatheredRows& rows, const at::Tensor& weight, const RowStats<acc_t>& stats,
+                        double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                        at::Tensor& dbias) {
   const BackwardProblem<acc_t> problem{rows,
                                        weight,
-                                       row_lse,
-                                       grad_scale,
+                                       stats,
                                        acc_t(softcap),
                                        softcap > 0 ? acc_t(temperature / softcap) : acc_t(0),
                                        acc_t(1.0 / temperature)};
@@ -308,17 +245,16 @@ void backward_rows_impl(const GatheredRows& rows, const at::Tensor& weight, cons
 
 }  // namespace
 
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<float>& row_lse,
-                   const std::vector<float>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias) {
-  backward_rows_impl<float>(rows, weight, row_lse, grad_scale, temperature, softcap, dhidden_rows, dweight, dbias);
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<float>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias) {
+  backward_rows_impl<float>(rows, weight, stats, temperature, softcap, dhidden_rows, dweight, dbias);
 }
 
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<double>& row_lse,
-                   const std::vector<double>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias) {
-  backward_rows_impl<double>(rows, weight, row_lse, grad_scale, temperature, softcap, dhidden_rows, dweight,
-                             dbias);
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<double>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias) {
+  backward_rows_impl<double>(rows, weight, stats, temperature, softcap, dhidden_rows, dweight, dbias);
 }
 
 }  // namespace fastpref::cpu::linear

@@ -5,17 +5,29 @@
 // z_t = z_t / T;  log p_t = z_t[y_t] − logsumexp(z_t).  Backward, for an upstream gradient g_t on log p_t:
 //   ∂/∂a_t = (onehot(y_t) − softmax(z_t)) · g_t / T · (1 − tanh²(a_t / c)),
 //   dH_t = Σ_v ∂/∂a_tv · W_v,   dW_v = Σ_t ∂/∂a_tv · h_t,   db_v = Σ_t ∂/∂a_tv.
+// The softmax is carried as the row max m and log Σ exp(z − m), kept apart: p = exp((z − m) − log Σ) is exact to
+// the dtype however large |m| is (one rounded log-sum-exp per row is not).
+//
+// Frozen head (need_hidden_grad: no dW, no db wanted). dH_t = g_t · ∂log p_t/∂h_t with
+//   ∂log p_t/∂h_t = (c_t·W[y_t] − Σ_v p_tv·(1 − tanh²_tv)·W_v) / T,   c_t = 1 − tanh²_{t,y_t} (1 without softcap),
+// a vector that does not depend on g_t, softcap or not. The forward computes it in its one pass over the
+// vocabulary: each tile's weights exp(z − m_running)·(1 − tanh²) multiply the weight block (a second GEMM per
+// tile) into a float64 accumulator that is rescaled by exp(m_old − m_new) whenever the running max grows (flash
+// attention's online softmax·V). Two GEMM-equivalents in all; the backward only scales it by g_t.
 //
 // Tiling. Only the active rows (label ≠ ignore_index; in backward also g_t ≠ 0) are gathered and upcast once
 // to the accumulation type (float32 for fp16/bf16/fp32, float64 for fp64); the others cost no vocabulary work
 // and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM (at::mm on
-// upcast operands, MKL) into a per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias,
-// softcap, temperature, and the online log-sum-exp (forward) or the in-place softmax gradient (backward).
+// upcast operands, MKL; for bf16 on a CPU with AVX-512 BF16 or AMX the logits GEMM instead runs in bf16 through
+// oneDNN, float32 accumulation and one bf16 rounding like eager's logits — native_low_precision_logits) into a
+// per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias, softcap, temperature, and the
+// online softmax (forward) or the in-place softmax gradient (backward). The dH, dW and Σ p·W GEMMs run on
+// upcast operands.
 //
 // Parallelism. Work is cut into items that own their outputs (no atomics, no reduction across threads); an
 // item runs its tiles on one thread, so its GEMMs run single-threaded:
-//   forward        one region; items = (row tile, vocabulary segment); partial (max, sum) per row, merged in
-//                  segment order;
+//   forward        one region; items = (row tile, vocabulary segment); partial (max, sum) per row (and the
+//                  frozen head's partial Σ p·W, at most kUnitBytes for all segments), merged in segment order;
 //   dH only        one region; items = row tiles, each walking the whole vocabulary;
 //   dW/db only     one region; items = vocabulary blocks, each walking all rows;
 //   dH and dW/db   one region per row tile; items = fixed groups of vocabulary blocks, each owning its dW rows
@@ -33,10 +45,13 @@
 // their accuracy measures. linear_logps_cpu.h: tiling and the gathered rows, shared by both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -83,173 +98,350 @@ void check_linear_inputs(const char* op, const at::Tensor& hidden, const at::Ten
               softcap);
 }
 
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows) {
+// t must be [rows] in dtype `one` or `other`.
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType one,
+                      at::ScalarType other) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must be [N] with N = ", rows, ", got shape ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == one || t.scalar_type() == other, op, ": ", name, " must be ", one,
+              one == other ? "" : " or ", one == other ? "" : c10::toString(other), ", got ", t.scalar_type());
 }
 
 // Indices of the rows that need vocabulary work: label ≠ ignore_index and, when grad is given, grad ≠ 0.
-std::vector<int64_t> active_rows(const int64_t* labels, const float* grad, int64_t n, int64_t ignore_index) {
+std::vector<int64_t> active_rows(const int64_t* labels, const double* grad, int64_t n, int64_t ignore_index) {
   std::vector<int64_t> rows;
   rows.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
-    if (labels[i] != ignore_index && (grad == nullptr || grad[i] != 0.0f)) rows.push_back(i);
+    if (labels[i] != ignore_index && (grad == nullptr || grad[i] != 0.0)) rows.push_back(i);
   }
   return rows;
 }
+
+}  // namespace
+
+namespace linear {
+
+bool native_low_precision_logits(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16) return false;
+  const char* off = std::getenv("FASTPREF_CPU_NATIVE_BF16");
+  if (off != nullptr && std::strcmp(off, "0") == 0) return false;
+  static const bool supported = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto has = [&](const char* key) {
+      const auto it = caps.find(key);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return has("avx512_bf16") || has("amx_bf16");
+  }();
+  return supported;
+}
+
+}  // namespace linear
+
+namespace {
 
 at::Tensor index_tensor(const std::vector<int64_t>& rows) {
   return at::from_blob(const_cast<int64_t*>(rows.data()), {static_cast<int64_t>(rows.size())}, at::kLong)
       .clone();
 }
 
+// Bias, softcap and temperature of one row segment (cap_and_temper), and cap_k = T / softcap (0 = none) with
+// which z·cap_k recovers tanh(a / softcap) from a capped, tempered logit z.
+template <typename acc_t>
+struct RowEpilogue {
+  const acc_t* bias;  // [V] or null
+  acc_t cap, inv_temperature, cap_k;
+
+  void apply(acc_t* z, int64_t vn, int64_t v0) const {
+    cap_and_temper(z, vn, bias != nullptr ? bias + v0 : nullptr, cap, inv_temperature);
+  }
+};
+
+// Per-thread scratch of the forward: one logits tile, one upcast weight block, one [rows, D] GEMM product.
+struct ForwardScratch {
+  at::Tensor tile, weight_buffer, product, low_tile;
+};
+
+// unit[i, :] += Σ_j weights[i, j]·w_block[j, :] for the rows of `weights` [rn, vn], the GEMM's inner dimension
+// cut at kGemmDepth and each product formed from zero, then added to the float64 accumulator (see the accuracy
+// note in linear_logps_backward_cpu.cpp).
+template <typename acc_t>
+void accumulate_products(const at::Tensor& weights, const at::Tensor& w_block, double* unit, at::Tensor& product) {
+  const int64_t rn = weights.size(0), vn = weights.size(1), dim = w_block.size(1);
+  at::Tensor rows_product = product.narrow(0, 0, rn);
+  const acc_t* prod = rows_product.data_ptr<acc_t>();
+  for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
+    const int64_t kn = std::min(kGemmDepth, vn - k0);
+    at::mm_out(rows_product, weights.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    for (int64_t j = 0; j < rn * dim; ++j) unit[j] += prod[j];
+  }
+}
+
+// The active rows gathered and upcast; labels outside [0, V) are stored as -1 so that no later index arithmetic
+// (label − block start) can overflow or land inside a block: such a row has no target and no one-hot term.
 GatheredRows gather_rows(const at::Tensor& hidden, const std::optional<at::Tensor>& bias, const int64_t* labels,
-                         const std::vector<int64_t>& rows, at::ScalarType acc) {
+                         const std::vector<int64_t>& rows, int64_t vocab, at::ScalarType acc) {
   GatheredRows g;
   g.index = index_tensor(rows);
   g.hidden = hidden.index_select(0, g.index).to(acc).contiguous();
   if (bias.has_value()) g.bias = bias->to(acc).contiguous();
   g.labels.reserve(rows.size());
-  for (int64_t r : rows) g.labels.push_back(labels[r]);
+  for (int64_t r : rows) g.labels.push_back(labels[r] >= 0 && labels[r] < vocab ? labels[r] : -1);
+  if (native_low_precision_logits(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
   return g;
 }
 
-// Forward over the gathered rows: fills lse and the target logit of each active row.
-//
-// One parallel region: the work items are (row block, vocabulary segment) pairs, a segment being a run of
-// vocabulary blocks; each item runs its tiles on its own thread (the GEMM then runs single-threaded) and
-// leaves a partial (max, sum) per row, merged afterwards in segment order. The segments are chosen from the
-// shapes alone (enough items for kForwardItems threads), so the result does not depend on the thread count,
-// and a single parallel region keeps the kernel fast on a busy machine where many short regions would stall.
+// The forward's work items: (row block, vocabulary segment) pairs, a segment being a run of vocabulary blocks.
+struct ForwardPlan {
+  Tiling tiling;
+  int64_t row_blocks, vocab_blocks, blocks_per_segment, segments;
+};
+
+// Segments from the shapes alone (enough items for kForwardItems threads, at most max_segments), so results do
+// not depend on the thread count.
+ForwardPlan plan_forward(int64_t n, int64_t vocab, int64_t dim, int64_t max_segments) {
+  ForwardPlan plan;
+  plan.tiling = plan_tiles(tall_row_block(n), vocab, dim);
+  plan.row_blocks = ceil_div(n, plan.tiling.rows);
+  plan.vocab_blocks = ceil_div(vocab, plan.tiling.vocab);
+  const int64_t wanted = std::min({plan.vocab_blocks, ceil_div(kForwardItems, plan.row_blocks), max_segments});
+  plan.blocks_per_segment = ceil_div(plan.vocab_blocks, std::max<int64_t>(wanted, 1));
+  plan.segments = ceil_div(plan.vocab_blocks, plan.blocks_per_segment);
+  return plan;
+}
+
+// Per active row: the max and log Σ exp(z − max) of its logits, kept apart so that p = exp((z − max) − log_sum)
+// is exact to the dtype however large |max| is; the target logit (NaN for a label outside [0, V)); and, for the
+// frozen head, ∂log p/∂h [n, D].
 template <typename acc_t>
-void forward_rows(const GatheredRows& rows, const at::Tensor& weight, double temperature, double softcap,
-                  std::vector<acc_t>& lse, std::vector<acc_t>& target) {
+struct RowSoftmax {
+  std::vector<acc_t> max, log_sum, target;
+  at::Tensor hidden_grad;
+};
+
+// Partial results of the segments, [segment × n] each, and for the frozen head the partial
+// Σ_v exp(z_v − max)·(1 − tanh²)·W_v of each segment, [segments, n, D] float64.
+template <typename acc_t>
+struct SegmentPartials {
+  std::vector<acc_t> max, sum;
+  at::Tensor unit;
+};
+
+// One work item: the tiles of rows [r0, r0 + rn) and the vocabulary blocks of `segment`. Scratch (tile, weight
+// buffer, product) belongs to the calling thread.
+template <typename acc_t>
+void forward_item(const GatheredRows& rows, const at::Tensor& weight, const ForwardPlan& plan, int64_t segment,
+                  int64_t r0, const RowEpilogue<acc_t>& epi, SegmentPartials<acc_t>& parts, std::vector<acc_t>& target,
+                  ForwardScratch& scratch) {
+  const int64_t n = rows.hidden.size(0), vocab = weight.size(0), dim = weight.size(1);
+  const int64_t rn = std::min(plan.tiling.rows, n - r0);
+  double* unit = parts.unit.defined() ? parts.unit.template data_ptr<double>() + (segment * n + r0) * dim : nullptr;
+  const int64_t last_block = std::min(plan.vocab_blocks, (segment + 1) * plan.blocks_per_segment);
+  for (int64_t block = segment * plan.blocks_per_segment; block < last_block; ++block) {
+    const int64_t v0 = block * plan.tiling.vocab;
+    const int64_t vn = std::min(plan.tiling.vocab, vocab - v0);
+    // the upcast block is needed for Σ p·W, and for the logits unless they are computed natively
+    const bool need_block = unit != nullptr || !rows.low_hidden.defined();
+    const at::Tensor w_block = need_block ? weight_block(weight, v0, vn, scratch.weight_buffer) : at::Tensor();
+    at::Tensor logits = scratch.tile.narrow(0, 0, rn * vn).view({rn, vn});
+    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low_tile);
+    acc_t* base = logits.data_ptr<acc_t>();
+    for (int64_t i = 0; i < rn; ++i) {
+      acc_t* z = base + i * vn;
+      const int64_t row = r0 + i;
+      epi.apply(z, vn, v0);
+      const int64_t local = rows.labels[row] - v0;  // labels are -1 or in [0, V): no overflow
+      if (rows.labels[row] >= 0 && local < vn && local >= 0) target[row] = z[local];
+      acc_t& run_max = parts.max[segment * n + row];
+      acc_t& run_sum = parts.sum[segment * n + row];
+      if (unit == nullptr) {
+        online_lse_update(z, vn, run_max, run_sum);
+        continue;
+      }
+      const double rescale = online_softmax_weights(z, vn, epi.cap_k, run_max, run_sum);
+      if (rescale != 1.0) {
+        for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] *= rescale;
+      }
+    }
+    if (unit != nullptr) accumulate_products<acc_t>(logits, w_block, unit, scratch.product);
+  }
+}
+
+// The frozen head's ∂log p_t/∂h_t = (c_t·W[y_t] − Σ_v p_tv·(1 − tanh²_tv)·W_v) / T, with c_t = 1 − tanh²(a_t[y_t]/c)
+// (1 without a softcap): the merged unit [n, D] float64 divided by the row sum, minus the target row of W.
+// A row whose label lies outside [0, V) gets no W[y] term.
+template <typename acc_t>
+at::Tensor hidden_grad_from_unit(const GatheredRows& rows, const at::Tensor& weight, const at::Tensor& unit,
+                                 const std::vector<acc_t>& sum, const std::vector<acc_t>& target,
+                                 const RowEpilogue<acc_t>& epi, double temperature) {
+  const int64_t n = unit.size(0);
+  std::vector<int64_t> safe_labels(n);
+  std::vector<acc_t> coef(n);
+  std::vector<double> inv_sum(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool valid = rows.labels[i] >= 0;
+    // formed, and multiplied by W[y] below, in the accumulation type exactly as the tile weights are, so that
+    // V = 1 (p = 1) gives exactly 0
+    const acc_t t = target[i] * epi.cap_k;
+    safe_labels[i] = valid ? rows.labels[i] : 0;
+    coef[i] = valid ? (acc_t(1) - t) * (acc_t(1) + t) : acc_t(0);
+    inv_sum[i] = 1.0 / double(sum[i]);
+  }
+  const auto acc = rows.hidden.scalar_type();
+  const at::Tensor w_target = weight.index_select(0, index_tensor(safe_labels)).to(acc);
+  const at::Tensor coef_t = at::from_blob(coef.data(), {n, 1}, unit.options().dtype(acc));
+  const at::Tensor inv_sum_t = at::from_blob(inv_sum.data(), {n, 1}, unit.options());
+  return (((w_target * coef_t).to(at::kDouble) - unit * inv_sum_t) * (1.0 / temperature)).to(acc);
+}
+
+// Merges the segments of each row in segment order: max, log Σ and (frozen head) the unit, rescaled to the
+// row's max.
+template <typename acc_t>
+void merge_segments(SegmentPartials<acc_t>& parts, int64_t segments, int64_t n, std::vector<acc_t>& row_max,
+                    std::vector<acc_t>& row_sum) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t n = rows.hidden.size(0);
-  const int64_t vocab = weight.size(0);
-  const int64_t dim = weight.size(1);
-  const Tiling tiling = plan_tiles(tall_row_block(n), vocab, dim);
-  const int64_t row_blocks = ceil_div(n, tiling.rows);
-  const int64_t vocab_blocks = ceil_div(vocab, tiling.vocab);
-  const int64_t blocks_per_segment =
-      ceil_div(vocab_blocks, std::min(vocab_blocks, ceil_div(kForwardItems, row_blocks)));
-  const int64_t segments = ceil_div(vocab_blocks, blocks_per_segment);
-  std::vector<acc_t> part_max(segments * n, kNegInf);
-  std::vector<acc_t> part_sum(segments * n, acc_t(0));
-  target.assign(n, std::numeric_limits<acc_t>::quiet_NaN());  // stays NaN for a label outside [0, V)
-  const acc_t inv_temperature = acc_t(1.0 / temperature);
-  const acc_t cap = acc_t(softcap);
-  const acc_t* bias = rows.bias.defined() ? rows.bias.data_ptr<acc_t>() : nullptr;
+  row_max.assign(n, kNegInf);
+  row_sum.assign(n, acc_t(0));
+  std::vector<double> scale(segments * n, 0.0);
+  for (int64_t row = 0; row < n; ++row) {
+    for (int64_t seg = 0; seg < segments; ++seg) row_max[row] = std::max(row_max[row], parts.max[seg * n + row]);
+    for (int64_t seg = 0; seg < segments; ++seg) {
+      const acc_t part = parts.sum[seg * n + row];
+      if (part == 0) continue;  // a NaN part makes the sum NaN
+      const acc_t factor = std::exp(parts.max[seg * n + row] - row_max[row]);
+      row_sum[row] += part * factor;
+      scale[seg * n + row] = double(factor);
+    }
+  }
+  if (!parts.unit.defined()) return;
+  at::Tensor merged = parts.unit[0];
+  const auto f64 = parts.unit.options();
+  merged.mul_(at::from_blob(scale.data(), {n, 1}, f64));
+  for (int64_t seg = 1; seg < segments; ++seg) {
+    merged.addcmul_(parts.unit[seg], at::from_blob(scale.data() + seg * n, {n, 1}, f64));
+  }
+  parts.unit = merged;
+}
+
+// Forward over the gathered rows: one parallel region over the plan's items, each running its tiles on its own
+// thread (the GEMMs then run single-threaded) and leaving partials per row and segment, merged afterwards in
+// segment order. A single region keeps the kernel fast on a busy machine where many short ones would stall.
+// With want_hidden_grad (the frozen head) each tile's softmax weights also multiply the weight block (a second
+// GEMM per tile), accumulating Σ_v p_v·(1 − tanh²)·W_v online, rescaled as the row max grows (flash attention's
+// softmax·V); the partials are bounded by kUnitBytes (fewer segments when n·D is large).
+template <typename acc_t>
+RowSoftmax<acc_t> forward_rows(const GatheredRows& rows, const at::Tensor& weight, double temperature,
+                               double softcap, bool want_hidden_grad) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t n = rows.hidden.size(0), vocab = weight.size(0), dim = weight.size(1);
+  const int64_t unit_segments = std::max<int64_t>(1, kUnitBytes / (n * dim * int64_t(sizeof(double))));
+  const ForwardPlan plan = plan_forward(n, vocab, dim, want_hidden_grad ? unit_segments : vocab);
+  SegmentPartials<acc_t> parts{std::vector<acc_t>(plan.segments * n, kNegInf),
+                               std::vector<acc_t>(plan.segments * n, acc_t(0)), at::Tensor()};
   const auto opts = rows.hidden.options();
+  if (want_hidden_grad) parts.unit = at::zeros({plan.segments, n, dim}, opts.dtype(at::kDouble));
+  RowSoftmax<acc_t> out;
+  out.target.assign(n, std::numeric_limits<acc_t>::quiet_NaN());  // stays NaN for a label outside [0, V)
+  const RowEpilogue<acc_t> epi{rows.bias.defined() ? rows.bias.data_ptr<acc_t>() : nullptr, acc_t(softcap),
+                               acc_t(1.0 / temperature), softcap > 0 ? acc_t(temperature / softcap) : acc_t(0)};
   const bool upcast = weight.scalar_type() != rows.hidden.scalar_type();
 
-  at::parallel_for(0, row_blocks * segments, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.row_blocks * plan.segments, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
-    at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
-    at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
+    ForwardScratch scratch{at::empty({plan.tiling.rows * plan.tiling.vocab}, opts),
+                           upcast ? at::empty({plan.tiling.vocab * dim}, opts) : at::Tensor(),
+                           want_hidden_grad ? at::empty({plan.tiling.rows, dim}, opts) : at::Tensor(),
+                           low_precision_tile(rows, plan.tiling.rows * plan.tiling.vocab)};
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t segment = item % segments;
-      const int64_t r0 = (item / segments) * tiling.rows;
-      const int64_t rn = std::min(tiling.rows, n - r0);
-      const at::Tensor h_rows = rows.hidden.narrow(0, r0, rn);
-      const int64_t last_block = std::min(vocab_blocks, (segment + 1) * blocks_per_segment);
-      for (int64_t block = segment * blocks_per_segment; block < last_block; ++block) {
-        const int64_t v0 = block * tiling.vocab;
-        const int64_t vn = std::min(tiling.vocab, vocab - v0);
-        at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        at::mm_out(logits, h_rows, weight_block(weight, v0, vn, weight_buffer).t());
-        acc_t* base = logits.data_ptr<acc_t>();
-        for (int64_t i = 0; i < rn; ++i) {
-          acc_t* z = base + i * vn;
-          const int64_t row = r0 + i;
-          cap_and_temper(z, vn, bias != nullptr ? bias + v0 : nullptr, cap, inv_temperature);
-          const int64_t local = rows.labels[row] - v0;
-          if (local >= 0 && local < vn) target[row] = z[local];
-          online_lse_update(z, vn, part_max[segment * n + row], part_sum[segment * n + row]);
-        }
-      }
+      forward_item(rows, weight, plan, item % plan.segments, (item / plan.segments) * plan.tiling.rows, epi, parts,
+                   out.target, scratch);
     }
   });
 
-  lse.resize(n);
-  for (int64_t row = 0; row < n; ++row) {
-    acc_t best = kNegInf;
-    for (int64_t seg = 0; seg < segments; ++seg) best = std::max(best, part_max[seg * n + row]);
-    acc_t sum = 0;
-    for (int64_t seg = 0; seg < segments; ++seg) {
-      const acc_t part = part_sum[seg * n + row];
-      if (part != 0) sum += part * std::exp(part_max[seg * n + row] - best);  // a NaN part makes sum NaN
-    }
-    lse[row] = best + std::log(sum);
+  std::vector<acc_t> row_sum;
+  merge_segments(parts, plan.segments, n, out.max, row_sum);
+  out.log_sum.resize(n);
+  for (int64_t row = 0; row < n; ++row) out.log_sum[row] = std::log(row_sum[row]);
+  if (want_hidden_grad) {
+    out.hidden_grad = hidden_grad_from_unit(rows, weight, parts.unit, row_sum, out.target, epi, temperature);
   }
+  return out;
 }
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::tuple<at::Tensor, at::Tensor> linear_logps_fwd_cpu(const at::Tensor& hidden_in, const at::Tensor& weight_in,
-                                                         const std::optional<at::Tensor>& bias,
-                                                         const at::Tensor& labels_in, int64_t ignore_index,
-                                                         double temperature, double softcap, bool need_lse) {
+// Forward op. token_logps [N], row_max and row_log_sum [N] (or [0] unless need_lse) and hidden_grad [N, D]
+// (∂log p_t/∂h_t, or [0] unless need_hidden_grad), all in the accumulation dtype (float32; float64 for float64
+// inputs) and 0 at ignored rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logps_fwd_cpu(
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels_in, int64_t ignore_index, double temperature, double softcap, bool need_lse,
+    bool need_hidden_grad) {
   const char* op = "fastpref::linear_logps_fwd";
   // Inner ATen calls are implementation details: keep them below autograd (no graph, no out= checks).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_linear_inputs(op, hidden_in, weight_in, bias, labels_in, temperature, softcap);
   const int64_t n = hidden_in.size(0);
-  const auto f32 = hidden_in.options().dtype(at::kFloat);
-  at::Tensor token_logps = at::zeros({n}, f32);
-  at::Tensor lse = at::zeros({need_lse ? n : 0}, f32);
+  const auto acc = accumulation_type(hidden_in.scalar_type());
+  const auto acc_opts = hidden_in.options().dtype(acc);
+  at::Tensor token_logps = at::zeros({n}, acc_opts);
+  at::Tensor row_max = at::zeros({need_lse ? n : 0}, acc_opts);
+  at::Tensor row_log_sum = at::zeros({need_lse ? n : 0}, acc_opts);
+  at::Tensor hidden_grad = need_hidden_grad ? at::zeros(hidden_in.sizes(), acc_opts) : at::zeros({0}, acc_opts);
   const at::Tensor labels = labels_in.contiguous();
   const std::vector<int64_t> active = active_rows(labels.data_ptr<int64_t>(), nullptr, n, ignore_index);
-  if (active.empty()) return {token_logps, lse};
+  if (active.empty()) return {token_logps, row_max, row_log_sum, hidden_grad};
 
   const at::Tensor weight = weight_in.contiguous();
-  const auto acc = accumulation_type(hidden_in.scalar_type());
-  const GatheredRows rows = gather_rows(hidden_in, bias, labels.data_ptr<int64_t>(), active, acc);
-  float* out_logps = token_logps.data_ptr<float>();
-  float* out_lse = need_lse ? lse.data_ptr<float>() : nullptr;
-  auto finish = [&](const auto& row_lse, const auto& row_target) {
+  const GatheredRows rows = gather_rows(hidden_in, bias, labels.data_ptr<int64_t>(), active, weight.size(0), acc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logps_fwd", [&] {
+    const RowSoftmax<scalar_t> result = forward_rows<scalar_t>(rows, weight, temperature, softcap, need_hidden_grad);
+    scalar_t* out_logps = token_logps.data_ptr<scalar_t>();
     for (size_t k = 0; k < active.size(); ++k) {
-      out_logps[active[k]] = static_cast<float>(row_target[k] - row_lse[k]);
-      if (out_lse != nullptr) out_lse[active[k]] = static_cast<float>(row_lse[k]);
+      out_logps[active[k]] = (result.target[k] - result.max[k]) - result.log_sum[k];
+      if (need_lse) {
+        row_max.data_ptr<scalar_t>()[active[k]] = result.max[k];
+        row_log_sum.data_ptr<scalar_t>()[active[k]] = result.log_sum[k];
+      }
     }
-  };
-  if (acc == at::kDouble) {
-    std::vector<double> row_lse, row_target;
-    forward_rows<double>(rows, weight, temperature, softcap, row_lse, row_target);
-    finish(row_lse, row_target);
-  } else {
-    std::vector<float> row_lse, row_target;
-    forward_rows<float>(rows, weight, temperature, softcap, row_lse, row_target);
-    finish(row_lse, row_target);
-  }
-  return {token_logps, lse};
+    if (need_hidden_grad) hidden_grad.index_copy_(0, rows.index, result.hidden_grad);
+  });
+  return {token_logps, row_max, row_log_sum, hidden_grad};
 }
 
 template <typename acc_t>
 void run_backward(const GatheredRows& rows, const at::Tensor& weight, const std::vector<int64_t>& active,
-                  const float* lse, const float* grad, double temperature, double softcap, at::Tensor& dhidden_rows,
-                  at::Tensor& dweight, at::Tensor& dbias) {
-  std::vector<acc_t> row_lse(active.size()), grad_scale(active.size());
+                  const at::Tensor& row_max, const at::Tensor& row_log_sum, const double* grad, double temperature,
+                  double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias) {
+  const acc_t* max = row_max.data_ptr<acc_t>();
+  const acc_t* log_sum = row_log_sum.data_ptr<acc_t>();
+  RowStats<acc_t> stats{std::vector<acc_t>(active.size()), std::vector<acc_t>(active.size()),
+                        std::vector<acc_t>(active.size())};
   for (size_t k = 0; k < active.size(); ++k) {
-    row_lse[k] = acc_t(lse[active[k]]);
-    grad_scale[k] = acc_t(grad[active[k]]) / acc_t(temperature);
+    stats.max[k] = max[active[k]];
+    stats.log_sum[k] = log_sum[active[k]];
+    stats.grad_scale[k] = acc_t(grad[active[k]]) / acc_t(temperature);
   }
-  linear::backward_rows(rows, weight, row_lse, grad_scale, temperature, softcap, dhidden_rows, dweight, dbias);
+  linear::backward_rows(rows, weight, stats, temperature, softcap, dhidden_rows, dweight, dbias);
 }
 
+// Backward op (the recompute path): the forward's row_max and row_log_sum in the accumulation dtype, grad_rows
+// [N] float32 or in the accumulation dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logps_bwd_cpu(
     const at::Tensor& hidden_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,
-    const at::Tensor& labels_in, const at::Tensor& lse_in, const at::Tensor& grad_rows_in, int64_t ignore_index,
-    double temperature, double softcap, bool need_hidden, bool need_weight, bool need_bias) {
+    const at::Tensor& labels_in, const at::Tensor& row_max_in, const at::Tensor& row_log_sum_in,
+    const at::Tensor& grad_rows_in, int64_t ignore_index, double temperature, double softcap, bool need_hidden,
+    bool need_weight, bool need_bias) {
   const char* op = "fastpref::linear_logps_bwd";
   // Inner ATen calls are implementation details: keep them below autograd (no graph, no out= checks).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_linear_inputs(op, hidden_in, weight_in, bias, labels_in, temperature, softcap);
   const int64_t n = hidden_in.size(0);
-  check_row_vector(op, "lse", lse_in, n);
-  check_row_vector(op, "grad_rows", grad_rows_in, n);
+  const auto acc = accumulation_type(hidden_in.scalar_type());
+  check_row_vector(op, "row_max", row_max_in, n, acc, acc);
+  check_row_vector(op, "row_log_sum", row_log_sum_in, n, acc, acc);
+  check_row_vector(op, "grad_rows", grad_rows_in, n, at::kFloat, acc);
   TORCH_CHECK(!need_bias || bias.has_value(), op, ": need_bias=True but no bias was given");
   const auto empty = hidden_in.options().dtype(at::kFloat);
   at::Tensor dhidden = need_hidden ? at::zeros(hidden_in.sizes(), hidden_in.options()) : at::empty({0}, empty);
@@ -258,26 +450,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logps_bwd_cpu(
   if (!need_hidden && !need_weight && !need_bias) return {dhidden, dweight, dbias};
 
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor grad_rows = grad_rows_in.to(at::kDouble).contiguous();
   const std::vector<int64_t> active =
-      active_rows(labels.data_ptr<int64_t>(), grad_rows.data_ptr<float>(), n, ignore_index);
+      active_rows(labels.data_ptr<int64_t>(), grad_rows.data_ptr<double>(), n, ignore_index);
   if (active.empty()) return {dhidden, dweight, dbias};
 
   const at::Tensor weight = weight_in.contiguous();
-  const auto acc = accumulation_type(hidden_in.scalar_type());
-  const GatheredRows rows = gather_rows(hidden_in, bias, labels.data_ptr<int64_t>(), active, acc);
+  const GatheredRows rows = gather_rows(hidden_in, bias, labels.data_ptr<int64_t>(), active, weight.size(0), acc);
   at::Tensor dhidden_rows =
       need_hidden ? at::zeros(rows.hidden.sizes(), rows.hidden.options().dtype(at::kDouble)) : at::Tensor();
   at::Tensor dweight_out = need_weight ? dweight : at::Tensor();
   at::Tensor dbias_out = need_bias ? dbias : at::Tensor();
-  if (acc == at::kDouble) {
-    run_backward<double>(rows, weight, active, lse.data_ptr<float>(), grad_rows.data_ptr<float>(), temperature,
-                         softcap, dhidden_rows, dweight_out, dbias_out);
-  } else {
-    run_backward<float>(rows, weight, active, lse.data_ptr<float>(), grad_rows.data_ptr<float>(), temperature,
-                        softcap, dhidden_rows, dweight_out, dbias_out);
-  }
+  AT_DISPATCH_FLOATING_TYPES(acc, "linear_logps_bwd", [&] {
+    run_backward<scalar_t>(rows, weight, active, row_max_in.contiguous(), row_log_sum_in.contiguous(),
+                           grad_rows.data_ptr<double>(), temperature, softcap, dhidden_rows, dweight_out, dbias_out);
+  });
   if (need_hidden) dhidden.index_copy_(0, rows.index, dhidden_rows.to(dhidden.scalar_type()));
   return {dhidden, dweight, dbias};
 }
@@ -288,9 +475,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_logps_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(fastpref, m) {
   m.def(
       "linear_logps_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, "
-      "float temperature, float softcap, bool need_lse) -> (Tensor token_logps, Tensor lse)");
+      "float temperature, float softcap, bool need_lse, bool need_hidden_grad) "
+      "-> (Tensor token_logps, Tensor row_max, Tensor row_log_sum, Tensor hidden_grad)");
   m.def(
-      "linear_logps_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, Tensor grad_rows, "
+      "linear_logps_bwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor row_max, "
+      "Tensor row_log_sum, Tensor grad_rows, "
       "int ignore_index, float temperature, float softcap, bool need_hidden, bool need_weight, bool need_bias) "
       "-> (Tensor dhidden, Tensor dweight, Tensor dbias)");
 }

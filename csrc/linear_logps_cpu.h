@@ -20,6 +20,7 @@ constexpr int64_t kForwardItems = 64;              // forward work items to aim 
 constexpr int64_t kRowItems = 8;                   // backward dH work items to aim for (row tiles are shortened)
 constexpr int64_t kMinRowBlock = 128;              // ... but not below this many rows
 constexpr int64_t kFusedGroups = 16;               // fused backward: vocabulary groups (work items) per row tile
+constexpr int64_t kUnitBytes = int64_t{16} << 20;  // frozen-head forward: float64 partials of Σ p·W, all segments
 
 struct Tiling {
   int64_t rows;
@@ -46,13 +47,40 @@ inline int64_t short_row_block(int64_t active_rows) {
   return std::max<int64_t>(1, std::min({std::max(rows, kMinRowBlock), kRowBlock, active_rows}));
 }
 
-// The active rows, gathered and upcast; the bias upcast; the labels of the active rows.
+// The active rows, gathered and upcast; the bias upcast; the labels of the active rows (-1 for a label outside
+// [0, V), so that no index arithmetic on a bad label can overflow or land inside the vocabulary).
 struct GatheredRows {
   at::Tensor index;     // [n] int64: position of each active row in the input
   at::Tensor hidden;    // [n, D] accumulation type, contiguous
   at::Tensor bias;      // [V] accumulation type, or undefined
   std::vector<int64_t> labels;
+  at::Tensor low_hidden;  // [n, D] in the input dtype when the logits GEMMs run natively in it, else undefined
 };
+
+// Whether the logits GEMMs h·Wᵀ of `dtype` inputs run natively in it: bf16 on a CPU with AVX-512 BF16 or AMX
+// (oneDNN: bf16 products accumulated in float32, the result rounded to bf16 once — exactly the logits eager bf16
+// computes), unless FASTPREF_CPU_NATIVE_BF16=0. Elsewhere (and for fp16, fp32, fp64) tiles are upcast to the
+// accumulation type. The dH, dW and Σ p·W GEMMs always run in the accumulation type.
+bool native_low_precision_logits(at::ScalarType dtype);
+
+// Per-thread scratch for native logits GEMMs (undefined when they do not run natively).
+inline at::Tensor low_precision_tile(const GatheredRows& rows, int64_t elems) {
+  return rows.low_hidden.defined() ? at::empty({elems}, rows.low_hidden.options()) : at::Tensor();
+}
+
+// logits [rn, vn] (accumulation type) = gathered rows r0.. · (weight rows v0..)ᵀ: natively in the input dtype
+// into low_tile and then upcast when rows.low_hidden is defined, else from the upcast block w_block.
+inline void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
+                        int64_t v0, const at::Tensor& w_block, at::Tensor& low_tile) {
+  const int64_t rn = logits.size(0), vn = logits.size(1);
+  if (!rows.low_hidden.defined()) {
+    at::mm_out(logits, rows.hidden.narrow(0, r0, rn), w_block.t());
+    return;
+  }
+  at::Tensor low = low_tile.narrow(0, 0, rn * vn).view({rn, vn});
+  at::mm_out(low, rows.low_hidden.narrow(0, r0, rn), weight.narrow(0, v0, vn).t());
+  logits.copy_(low);
+}
 
 // Rows [start, start + count) of the contiguous weight in the accumulation type: a view when no upcast is
 // needed, else a copy into `buffer`.
@@ -64,14 +92,21 @@ inline at::Tensor weight_block(const at::Tensor& weight, int64_t start, int64_t 
   return upcast;
 }
 
+// What the backward needs per gathered row, in the accumulation type: the forward's row max and
+// log Σ exp(z − max) (kept apart: p = exp((z − max) − log_sum) is exact to the dtype) and g / T.
+template <typename acc_t>
+struct RowStats {
+  std::vector<acc_t> max, log_sum, grad_scale;
+};
+
 // The backward over the gathered rows (linear_logps_backward_cpu.cpp). dhidden_rows: [n, D] float64 zeros or
 // undefined; dweight: [V, D] zeros in the weight's dtype or undefined; dbias: [V] zeros in the bias dtype or
-// undefined; row_lse and grad_scale (g / T) per gathered row, in the accumulation type.
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<float>& row_lse,
-                   const std::vector<float>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
-void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const std::vector<double>& row_lse,
-                   const std::vector<double>& grad_scale, double temperature, double softcap,
-                   at::Tensor& dhidden_rows, at::Tensor& dweight, at::Tensor& dbias);
+// undefined.
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<float>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias);
+void backward_rows(const GatheredRows& rows, const at::Tensor& weight, const RowStats<double>& stats,
+                   double temperature, double softcap, at::Tensor& dhidden_rows, at::Tensor& dweight,
+                   at::Tensor& dbias);
 
 }  // namespace fastpref::cpu::linear

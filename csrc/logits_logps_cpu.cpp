@@ -7,7 +7,7 @@
 // in the logits' own dtype and upcast into a per-thread float32 buffer (float64 for fp64 logits), so the
 // logits tensor is never upcast as a whole. Forward folds the chunks into an online log-sum-exp and reads the
 // target logit directly; only rows with label ≠ ignore_index are read. Backward recomputes each chunk's
-// softmax from the saved lse and writes the gradient in the logits' dtype; rows that are ignored or have
+// softmax from the saved row max and log Σ exp(z − max), kept apart (p exact to the dtype), and writes the gradient in the logits' dtype; rows that are ignored or have
 // g_t = 0 are written as zeros without reading the logits.
 //
 // Determinism. Every row is handled by one thread in a fixed chunk order, so results do not depend on the
@@ -66,24 +66,33 @@ void check_logits_inputs(const char* op, const at::Tensor& logits, const at::Ten
               temperature);
 }
 
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows) {
+// t must be [rows] in dtype `one` or `other`.
+void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType one,
+                      at::ScalarType other) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must be [N] with N = ", rows, ", got shape ",
               t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == one || t.scalar_type() == other, op, ": ", name, " must be ", one,
+              one == other ? "" : " or ", one == other ? "" : c10::toString(other), ", got ", t.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> logits_logps_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                                         int64_t ignore_index, double temperature, bool need_lse) {
+// Forward op: token_logps [N], row_max and row_log_sum [N] (or [0] unless need_lse), in the accumulation dtype
+// (float32; float64 for float64 logits), 0 at ignored rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_logps_fwd_cpu(const at::Tensor& logits_in,
+                                                                     const at::Tensor& labels_in,
+                                                                     int64_t ignore_index, double temperature,
+                                                                     bool need_lse) {
   const char* op = "fastpref::logits_logps_fwd";
   // Inner ATen calls are implementation details: keep them below autograd (no graph, no out= checks).
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_logits_inputs(op, logits_in, labels_in, temperature);
   const int64_t n = logits_in.size(0);
   const int64_t vocab = logits_in.size(1);
-  const auto f32 = logits_in.options().dtype(at::kFloat);
-  at::Tensor token_logps = at::zeros({n}, f32);
-  at::Tensor lse = at::zeros({need_lse ? n : 0}, f32);
+  const auto acc = logits_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc_opts = logits_in.options().dtype(acc);
+  at::Tensor token_logps = at::zeros({n}, acc_opts);
+  at::Tensor row_max = at::zeros({need_lse ? n : 0}, acc_opts);
+  at::Tensor row_log_sum = at::zeros({need_lse ? n : 0}, acc_opts);
   const at::Tensor labels = labels_in.contiguous();
   const int64_t* label = labels.data_ptr<int64_t>();
   std::vector<int64_t> active;
@@ -91,14 +100,15 @@ std::tuple<at::Tensor, at::Tensor> logits_logps_fwd_cpu(const at::Tensor& logits
   for (int64_t i = 0; i < n; ++i) {
     if (label[i] != ignore_index) active.push_back(i);
   }
-  if (active.empty()) return {token_logps, lse};
+  if (active.empty()) return {token_logps, row_max, row_log_sum};
 
   const at::Tensor logits = unit_stride_rows(logits_in);
   const int64_t row_stride = logits.stride(0);
-  float* out_logps = token_logps.data_ptr<float>();
-  float* out_lse = need_lse ? lse.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logits_logps_fwd", [&] {
     using acc_t = acc_type_of<scalar_t>;
+    acc_t* out_logps = token_logps.data_ptr<acc_t>();
+    acc_t* out_max = need_lse ? row_max.data_ptr<acc_t>() : nullptr;
+    acc_t* out_log_sum = need_lse ? row_log_sum.data_ptr<acc_t>() : nullptr;
     const scalar_t* base = logits.data_ptr<scalar_t>();
     const acc_t inv_temperature = acc_t(1.0 / temperature);
     const int64_t count = static_cast<int64_t>(active.size());
@@ -114,19 +124,25 @@ std::tuple<at::Tensor, at::Tensor> logits_logps_fwd_cpu(const at::Tensor& logits
           load_scaled(src + c0, cn, inv_temperature, chunk.data());
           online_lse_update(chunk.data(), cn, running_max, running_sum);
         }
-        const acc_t row_lse = running_max + std::log(running_sum);
+        const acc_t log_sum = std::log(running_sum);
         const int64_t y = label[row];
         const acc_t target = (y >= 0 && y < vocab) ? static_cast<acc_t>(src[y]) * inv_temperature
                                                    : std::numeric_limits<acc_t>::quiet_NaN();
-        out_logps[row] = static_cast<float>(target - row_lse);
-        if (out_lse != nullptr) out_lse[row] = static_cast<float>(row_lse);
+        out_logps[row] = (target - running_max) - log_sum;
+        if (out_max != nullptr) {
+          out_max[row] = running_max;
+          out_log_sum[row] = log_sum;
+        }
       }
     });
   });
-  return {token_logps, lse};
+  return {token_logps, row_max, row_log_sum};
 }
 
-at::Tensor logits_logps_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, const at::Tensor& lse_in,
+// Backward op: row_max and row_log_sum from the forward (accumulation dtype), grad_rows [N] float32 or in the
+// accumulation dtype.
+at::Tensor logits_logps_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                                const at::Tensor& row_max_in, const at::Tensor& row_log_sum_in,
                                 const at::Tensor& grad_rows_in, int64_t ignore_index, double temperature) {
   const char* op = "fastpref::logits_logps_bwd";
   // Inner ATen calls are implementation details: keep them below autograd (no graph, no out= checks).
@@ -134,36 +150,41 @@ at::Tensor logits_logps_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   check_logits_inputs(op, logits_in, labels_in, temperature);
   const int64_t n = logits_in.size(0);
   const int64_t vocab = logits_in.size(1);
-  check_row_vector(op, "lse", lse_in, n);
-  check_row_vector(op, "grad_rows", grad_rows_in, n);
+  const auto acc = logits_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_row_vector(op, "row_max", row_max_in, n, acc, acc);
+  check_row_vector(op, "row_log_sum", row_log_sum_in, n, acc, acc);
+  check_row_vector(op, "grad_rows", grad_rows_in, n, at::kFloat, acc);
   const at::Tensor labels = labels_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
-  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  const at::Tensor max_t = row_max_in.contiguous();
+  const at::Tensor log_sum_t = row_log_sum_in.contiguous();
+  const at::Tensor grad_rows = grad_rows_in.to(at::kDouble).contiguous();
   const at::Tensor logits = unit_stride_rows(logits_in);
   at::Tensor dlogits = at::empty({n, vocab}, logits.options());
   const int64_t* label = labels.data_ptr<int64_t>();
-  const float* row_lse = lse.data_ptr<float>();
-  const float* grad = grad_rows.data_ptr<float>();
+  const double* grad = grad_rows.data_ptr<double>();
   const int64_t row_stride = logits.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logits_logps_bwd", [&] {
     using acc_t = acc_type_of<scalar_t>;
     const scalar_t* base = logits.data_ptr<scalar_t>();
     scalar_t* out = dlogits.data_ptr<scalar_t>();
     const acc_t inv_temperature = acc_t(1.0 / temperature);
+    const acc_t* max = max_t.data_ptr<acc_t>();
+    const acc_t* log_sum = log_sum_t.data_ptr<acc_t>();
     at::parallel_for(0, n, row_grain(vocab), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> chunk(std::min(kChunk, vocab));
       for (int64_t row = begin; row < end; ++row) {
         scalar_t* dst = out + row * vocab;
-        if (label[row] == ignore_index || grad[row] == 0.0f) {
+        if (label[row] == ignore_index || grad[row] == 0.0) {
           std::fill(dst, dst + vocab, scalar_t(0));
           continue;
         }
         const scalar_t* src = base + row * row_stride;
         const acc_t scale = acc_t(grad[row]) * inv_temperature;
+        const int64_t y = label[row] >= 0 && label[row] < vocab ? label[row] : -1;  // -1: no one-hot term
         for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
           const int64_t cn = std::min(kChunk, vocab - c0);
           load_scaled(src + c0, cn, inv_temperature, chunk.data());
-          softmax_grad(chunk.data(), cn, acc_t(row_lse[row]), scale, acc_t(0), label[row] - c0);
+          softmax_grad(chunk.data(), cn, max[row], log_sum[row], scale, acc_t(0), y < 0 ? -1 : y - c0);
           store(chunk.data(), cn, dst + c0);
         }
       }
@@ -178,9 +199,10 @@ at::Tensor logits_logps_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
 TORCH_LIBRARY_FRAGMENT(fastpref, m) {
   m.def(
       "logits_logps_fwd(Tensor logits, Tensor labels, int ignore_index, float temperature, bool need_lse) "
-      "-> (Tensor token_logps, Tensor lse)");
+      "-> (Tensor token_logps, Tensor row_max, Tensor row_log_sum)");
   m.def(
-      "logits_logps_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor grad_rows, int ignore_index, "
+      "logits_logps_bwd(Tensor logits, Tensor labels, Tensor row_max, Tensor row_log_sum, Tensor grad_rows, "
+      "int ignore_index, "
       "float temperature) -> Tensor dlogits");
 }
 

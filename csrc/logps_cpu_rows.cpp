@@ -66,12 +66,23 @@ FASTPREF_INLINE float fast_exp(float x) {
   return x < kMinArg ? 0.0f : result;
 }
 
-// tanh(x) = sign(x) · (1 − e) / (1 + e), e = exp(−2|x|): absolute error ~1e-7, saturates cleanly.
+// tanh(x). For |x| < 0.625 the odd minimax polynomial x + x³·P(x²) (the coefficients of Cephes' tanhf, ~1 ulp
+// relative), which keeps full relative precision as x → 0 (a large softcap); above, sign(x)·(1 − e)/(1 + e) with
+// e = exp(−2|x|) ≤ 0.29, where nothing cancels and the result saturates cleanly. Both are computed and one is
+// selected, so loops over it stay branch-free. NaN gives NaN.
 FASTPREF_INLINE float fast_tanh(float x) {
   const float ax = x < 0.0f ? -x : x;
+  const float x2 = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * x2 + 2.06390887954e-2f;
+  p = p * x2 - 5.37397155531e-2f;
+  p = p * x2 + 1.33314422036e-1f;
+  p = p * x2 - 3.33332819422e-1f;
+  const float near_zero = x + x * x2 * p;
   const float e = fast_exp(-2.0f * ax);
   const float t = (1.0f - e) / (1.0f + e);
-  return x < 0.0f ? -t : t;
+  const float far = x < 0.0f ? -t : t;
+  return ax < 0.625f ? near_zero : far;
 }
 
 FASTPREF_INLINE float segment_max(const float* z, int64_t n) {
@@ -157,35 +168,96 @@ void online_lse_update(const double* z, int64_t n, double& running_max, double& 
 }
 
 FASTPREF_SIMD_CLONES
-void softmax_grad(float* z, int64_t n, float lse, float scale, float cap_k, int64_t target) {
+float online_softmax_weights(float* z, int64_t n, float cap_k, float& running_max, float& running_sum) {
+  if (n <= 0) return 1.0f;
+  const float new_max = std::fmax(running_max, segment_max(z, n));
+  if (new_max == -std::numeric_limits<float>::infinity()) {  // only -inf and NaN so far
+    for (int64_t j = 0; j < n; ++j) {
+      if (z[j] != z[j]) running_sum = std::numeric_limits<float>::quiet_NaN();
+      z[j] = z[j] != z[j] ? z[j] : 0.0f;
+    }
+    return 1.0f;
+  }
+  const float rescale = fast_exp(running_max - new_max);  // 0 while running_max is -inf
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = fast_exp(z[j + l] - new_max);
+      const float t = z[j + l] * cap_k;
+      lanes[l] += e;
+      z[j + l] = e * ((1.0f - t) * (1.0f + t));
+    }
+  }
+  float total = 0.0f;
+  for (; j < n; ++j) {
+    const float e = fast_exp(z[j] - new_max);
+    const float t = z[j] * cap_k;
+    total += e;
+    z[j] = e * ((1.0f - t) * (1.0f + t));
+  }
+  float lane_total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) lane_total += lanes[l];
+  running_sum = running_sum * rescale + (lane_total + total);
+  running_max = new_max;
+  return rescale;
+}
+
+double online_softmax_weights(double* z, int64_t n, double cap_k, double& running_max, double& running_sum) {
+  if (n <= 0) return 1.0;
+  double seg_max = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) seg_max = z[j] > seg_max ? z[j] : seg_max;
+  const double new_max = std::fmax(running_max, seg_max);
+  if (new_max == -std::numeric_limits<double>::infinity()) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (z[j] != z[j]) running_sum = std::numeric_limits<double>::quiet_NaN();
+      z[j] = z[j] != z[j] ? z[j] : 0.0;
+    }
+    return 1.0;
+  }
+  const double rescale = std::exp(running_max - new_max);
+  double sum = running_sum * rescale;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = std::exp(z[j] - new_max);
+    const double t = z[j] * cap_k;
+    sum += e;
+    z[j] = e * ((1.0 - t) * (1.0 + t));
+  }
+  running_sum = sum;
+  running_max = new_max;
+  return rescale;
+}
+
+FASTPREF_SIMD_CLONES
+void softmax_grad(float* z, int64_t n, float row_max, float log_sum, float scale, float cap_k, int64_t target) {
   const bool has_target = target >= 0 && target < n;
   const float target_z = has_target ? z[target] : 0.0f;
   if (cap_k != 0.0f) {
     for (int64_t j = 0; j < n; ++j) {
       const float t = z[j] * cap_k;
-      z[j] = -fast_exp(z[j] - lse) * scale * (1.0f - t * t);
-    }
-    if (has_target) {
-      const float t = target_z * cap_k;
-      z[target] += scale * (1.0f - t * t);
+      z[j] = -fast_exp((z[j] - row_max) - log_sum) * scale * ((1.0f - t) * (1.0f + t));
     }
   } else {
     const float neg_scale = -scale;
-    for (int64_t j = 0; j < n; ++j) z[j] = fast_exp(z[j] - lse) * neg_scale;
-    if (has_target) z[target] += scale;
+    for (int64_t j = 0; j < n; ++j) z[j] = fast_exp((z[j] - row_max) - log_sum) * neg_scale;
+  }
+  if (has_target) {  // (1 − p_y) formed directly: exactly 0 when p_y = 1, and no cancellation against −p_y
+    const float t = target_z * cap_k;
+    z[target] = (1.0f - fast_exp((target_z - row_max) - log_sum)) * scale * ((1.0f - t) * (1.0f + t));
   }
 }
 
-void softmax_grad(double* z, int64_t n, double lse, double scale, double cap_k, int64_t target) {
+void softmax_grad(double* z, int64_t n, double row_max, double log_sum, double scale, double cap_k,
+                  int64_t target) {
   const bool has_target = target >= 0 && target < n;
   const double target_z = has_target ? z[target] : 0.0;
   for (int64_t j = 0; j < n; ++j) {
     const double t = z[j] * cap_k;
-    z[j] = -std::exp(z[j] - lse) * scale * (1.0 - t * t);
+    z[j] = -std::exp((z[j] - row_max) - log_sum) * scale * ((1.0 - t) * (1.0 + t));
   }
   if (has_target) {
     const double t = target_z * cap_k;
-    z[target] += scale * (1.0 - t * t);
+    z[target] = (1.0 - std::exp((target_z - row_max) - log_sum)) * scale * ((1.0 - t) * (1.0 + t));
   }
 }
 

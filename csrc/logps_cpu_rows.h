@@ -11,7 +11,8 @@
 namespace fastpref::cpu {
 
 // z[j] <- cap(z[j] + bias[j]) * inv_temperature, cap(a) = softcap * tanh(a / softcap) when softcap > 0, else a.
-// bias may be null.
+// bias may be null. The float tanh is accurate to a few ulp relative over the whole range (an odd polynomial
+// near 0, where (1 − e)/(1 + e) would cancel), so large softcaps (a / softcap ≈ 0) keep full precision.
 void cap_and_temper(float* z, int64_t n, const float* bias, float softcap, float inv_temperature);
 void cap_and_temper(double* z, int64_t n, const double* bias, double softcap, double inv_temperature);
 
@@ -21,12 +22,22 @@ void cap_and_temper(double* z, int64_t n, const double* bias, double softcap, do
 void online_lse_update(const float* z, int64_t n, float& running_max, float& running_sum);
 void online_lse_update(const double* z, int64_t n, double& running_max, double& running_sum);
 
+// Online softmax with weights, for Σ_v p_v·(1 − tanh²)·W_v: folds z[0..n) into (running_max, running_sum)
+// exactly as online_lse_update does, and overwrites z[j] with exp(z[j] − new_max)·(1 − (z[j]·cap_k)²)
+// (cap_k = 0: no softcap factor). Returns exp(old_max − new_max), the factor by which anything summed over
+// earlier entries with the old max must be rescaled (0 while the old max was −inf). A row of only −inf gives
+// weights 0; a NaN gives NaN weights and a NaN sum.
+float online_softmax_weights(float* z, int64_t n, float cap_k, float& running_max, float& running_sum);
+double online_softmax_weights(double* z, int64_t n, double cap_k, double& running_max, double& running_sum);
+
 // Gradient of g * log p[target] with respect to the raw logits of one row segment, in place:
-//   z[j] <- (onehot(target)[j] - exp(z[j] - lse)) * scale * (1 - (z[j] * cap_k)^2)
-// where z holds the capped, tempered logits, scale = g / temperature, and cap_k = temperature / softcap
-// (so z[j] * cap_k = tanh(raw / softcap)); cap_k = 0 means no softcap. target is the label's index inside
-// this segment; any value outside [0, n) adds no one-hot term.
-void softmax_grad(float* z, int64_t n, float lse, float scale, float cap_k, int64_t target);
-void softmax_grad(double* z, int64_t n, double lse, double scale, double cap_k, int64_t target);
+//   z[j] <- (onehot(target)[j] - exp((z[j] - row_max) - log_sum)) * scale * (1 - (z[j] * cap_k)^2)
+// where z holds the capped, tempered logits, (row_max, log_sum) the row's max and log Σ exp(z − row_max) kept
+// apart (so p is exact to the dtype even when |row_max| is large), scale = g / temperature, and
+// cap_k = temperature / softcap (so z[j] * cap_k = tanh(raw / softcap)); cap_k = 0 means no softcap. target
+// is the label's index inside this segment; any value outside [0, n) adds no one-hot term.
+void softmax_grad(float* z, int64_t n, float row_max, float log_sum, float scale, float cap_k, int64_t target);
+void softmax_grad(double* z, int64_t n, double row_max, double log_sum, double scale, double cap_k,
+                  int64_t target);
 
 }  // namespace fastpref::cpu
