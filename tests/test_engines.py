@@ -1,0 +1,106 @@
+"""Multi-process training through accelerate's engines, against the single-process run on the same global batch.
+
+CPU (gloo), always run as `slow`: DDP launched by ``accelerate launch`` with the shipped
+examples/accelerate/ddp_cpu.yaml, Sr-DPO with the cached refinement prefix in the tree and padded layouts, full
+fine-tune and LoRA; FSDP2's ``fully_shard`` applied directly (accelerate cannot select FSDP on CPU: see
+docs/scaling.md) around the fused head and the Sr-DPO loss. GPU (`gpu`, 2 devices): the same runs through
+accelerate's FSDP2 and DeepSpeed ZeRO-2/3 configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples" / "accelerate"
+COMBOS = ("tree-full", "padded-full", "tree-lora", "padded-lora")
+_ENV = {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Runs train_sr_dpo.main for each combo, then builds a second trainer on the same cache directory (no training)
+# to see whether it recomputes the reference; counts the reference pairs each rank computed.
+_DRIVER = """
+import json, os, sys
+sys.path.insert(0, {examples!r})
+import train_sr_dpo
+import fastpref.trainer.trainer as trainer_module
+from pathlib import Path
+
+counted = {{"pairs": 0}}
+compute = trainer_module.compute_reference_logps
+def counting(dataset, collator, batch_size, accelerator, stream_logps, *args, **kwargs):
+    def counted_logps(batch, prefix):
+        logps = stream_logps(batch, prefix)
+        counted["pairs"] += logps.numel() // 2
+        return logps
+    return compute(dataset, collator, batch_size, accelerator, counted_logps, *args, **kwargs)
+trainer_module.compute_reference_logps = counting
+
+out, batch, combos = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+for combo in combos:
+    layout, mode = combo.split("-")
+    argv = ["--output", str(out / combo), "--batch", batch, "--layout", layout, "--steps", "3",
+            "--optim", "sgd", "--lr", "0.5", "--report", str(out / (combo + ".json"))] + (["--lora"] if mode == "lora" else [])
+    counted["pairs"] = 0
+    trainer = train_sr_dpo.main(argv)
+    first = counted["pairs"]
+    again = train_sr_dpo.build_trainer(train_sr_dpo.parse_args(argv))
+    rank = trainer.accelerator.process_index
+    (out / f"{{combo}}.rank{{rank}}.json").write_text(json.dumps(
+        {{"first_pairs": first, "first_passes": trainer.reference_passes, "again_passes": again.reference_passes,
+         "again_pairs": counted["pairs"] - first}}))
+trainer.accelerator.wait_for_everyone()
+trainer.accelerator.end_training()
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can abort the interpreter's teardown (see test_trainer_runs)
+"""
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path.with_suffix(".pt"), weights_only=True)
+
+
+def _assert_same_parameters(multi: dict, single: dict, combo: str) -> None:
+    assert multi.keys() == single.keys(), combo
+    for name, value in single.items():
+        scale = value.abs().max().item() + 1e-12
+        error = (multi[name] - value).abs().max().item()
+        assert error <= 1e-6 * scale + 1e-7, f"{combo}: {name} differs by {error:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_sr_dpo_matches_single_process(tmp_path):
+    """2 gloo ranks × 4 pairs = 1 process × 8 pairs for Sr-DPO with the cached refinement prefix: the loss curve
+    and every final trainable parameter, in the tree and padded layouts, full fine-tune and LoRA. The reference
+    pass is sharded (each rank computes 4 of the 8 pairs per stream), written once (one file per stream) and
+    reused by the next trainer. Plain SGD, so a parameter difference is a gradient difference (Adam would hide a
+    gradient scaled by the world size, and amplifies float32 noise in near-zero gradients). Catches gradients that are not averaged, a prefix cached from one rank's weights
+    or not refreshed after the step, a reference pass repeated on every rank or recomputed on a cache hit."""
+    env = {**os.environ, **_ENV}
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER.format(examples=str(EXAMPLES)))
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp_cpu.yaml"),
+              "--main_process_port", "29631"]
+    subprocess.run([*launch, str(script), str(multi), "4", ",".join(COMBOS)], check=True, env=env, timeout=400)
+    subprocess.run([sys.executable, str(script), str(single), "8", ",".join(COMBOS)], check=True, env=env,
+                   timeout=400)
+    for combo in COMBOS:
+        multi_report = json.loads((multi / f"{combo}.json").read_text())
+        single_report = json.loads((single / f"{combo}.json").read_text())
+        assert multi_report["world"] == 2 and multi_report["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert single_report["world"] == 1 and len(multi_report["losses"]) == 3
+        assert multi_report["losses"] == pytest.approx(single_report["losses"], rel=1e-6, abs=1e-7), combo
+        _assert_same_parameters(_params(multi / f"{combo}.json"), _params(single / f"{combo}.json"), combo)
+        files = sorted(p.name.split("-")[:-1] for p in (multi / combo / "ref_cache").glob("*.safetensors"))
+        assert files == [["train"], ["train", "aug"]], (combo, files)  # one file per stream
+        for rank in (0, 1):
+            counts = json.loads((multi / f"{combo}.rank{rank}.json").read_text())
+            # 8 pairs, 2 streams, half on each rank; nothing computed again on a cache hit.
+            assert counts == {"first_pairs": 8, "first_passes": 2, "again_passes": 0, "again_pairs": 0}, (combo, rank)
