@@ -62,6 +62,77 @@ os._exit(0)  # gloo's threads can abort the interpreter's teardown (see test_tra
 """
 
 
+# fully_shard on each decoder layer and the root (2 gloo ranks) or the plain model (1 process); 2 SGD steps of
+# Sr-DPO on 8 synthetic pairs: the fused head in the tree stream with grad, the refinement prefix's keys/values
+# through the sharded model, the augmented stream after it, preference_loss. Rank 0 saves the first step's full
+# gradients and the final full parameters.
+_FSDP_DRIVER = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from fastpref import preference_loss
+from fastpref.data.tiny_models import build_model
+from fastpref.model.prefix_kv import compute_prefix_kv
+from fastpref.model.tree_logps import augmented_tree_logps, tree_logps
+from fastpref.model.tree_stream import build_tree_batch
+
+VOCAB, PAIRS, STEPS = 300, 8, 2
+out = sys.argv[1]
+world = int(os.environ.get("WORLD_SIZE", "1"))
+rank = int(os.environ.get("RANK", "0"))
+if world > 1:
+    dist.init_process_group("gloo")
+gen = torch.Generator().manual_seed(1)
+def tokens(low, high):
+    return torch.randint(3, VOCAB, (int(torch.randint(low, high, (1,), generator=gen)),), generator=gen).tolist()
+prefix_ids = tokens(5, 9)
+prompts, chosen, rejected = ([tokens(2, 7) for _ in range(PAIRS)] for _ in range(3))
+ref = torch.randn(4, PAIRS, generator=gen) * 3 - 40  # ref chosen, ref rejected, aug ref chosen, aug ref rejected
+torch.manual_seed(0)
+model = build_model("tiny-llama", vocab_size=VOCAB)
+if world > 1:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+mine = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+losses, grads = [], {{}}
+for step in range(STEPS):
+    model.train()
+    plain = tree_logps(model, build_tree_batch(prompts[mine], chosen[mine], rejected[mine]))
+    prefix = compute_prefix_kv(model, prefix_ids)
+    aug = augmented_tree_logps(model, build_tree_batch(prompts[mine], chosen[mine], rejected[mine],
+                                                       position_offset=len(prefix_ids)), prefix)
+    out_loss = preference_loss(plain.chosen_logps, plain.rejected_logps, ref[0, mine], ref[1, mine],
+                               loss_type="sr_dpo", aug_chosen_logps=aug.chosen_logps,
+                               aug_rejected_logps=aug.rejected_logps, aug_ref_chosen_logps=ref[2, mine],
+                               aug_ref_rejected_logps=ref[3, mine])
+    optimizer.zero_grad()
+    out_loss.loss.backward()
+    loss = out_loss.loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+        loss /= world
+    losses.append(loss.item())
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    if step == 0:
+        grads = {{n: full(p.grad).detach().clone() for n, p in model.named_parameters()}}
+    optimizer.step()
+params = {{n: full(p.detach()).clone() for n, p in model.named_parameters()}}
+if rank == 0:
+    torch.save({{"grads": grads, "params": params}}, out + ".pt")
+    open(out + ".json", "w").write(json.dumps({{"losses": losses, "world": world}}))
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
 def _params(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path.with_suffix(".pt"), weights_only=True)
 
@@ -104,3 +175,24 @@ def test_accelerate_ddp_sr_dpo_matches_single_process(tmp_path):
             counts = json.loads((multi / f"{combo}.rank{rank}.json").read_text())
             # 8 pairs, 2 streams, half on each rank; nothing computed again on a cache hit.
             assert counts == {"first_pairs": 8, "first_passes": 2, "again_passes": 0, "again_pairs": 0}, (combo, rank)
+
+
+@pytest.mark.slow
+def test_fully_shard_sr_dpo_step_matches_single_process(tmp_path):
+    """FSDP2 (``fully_shard``, gloo, no Trainer: accelerate cannot select FSDP on CPU, docs/scaling.md): 2 ranks × 4
+    pairs give the single-process loss, gradients and parameters of 8 pairs. The second step's Δ comes from a
+    prefix computed through the sharded model after the update, so a prefix from stale, partial or unsharded-by-
+    hand weights, or a fused head reading a shard of lm_head, would show here."""
+    env = {**os.environ, **_ENV}
+    script = tmp_path / "fsdp_driver.py"
+    script.write_text(_FSDP_DRIVER.format())
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "multi")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "single")], check=True, env=env, timeout=300)
+    multi, single = (json.loads((tmp_path / f"{run}.json").read_text()) for run in ("multi", "single"))
+    assert multi["world"] == 2 and single["world"] == 1 and len(single["losses"]) == 2
+    assert multi["losses"] == pytest.approx(single["losses"], rel=1e-6, abs=1e-7)
+    assert single["losses"][1] < single["losses"][0]  # the step moved the weights
+    multi_state, single_state = (torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("multi", "single"))
+    for kind in ("grads", "params"):
+        _assert_same_parameters(multi_state[kind], single_state[kind], kind)

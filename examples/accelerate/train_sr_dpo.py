@@ -62,6 +62,12 @@ def lora_config():
                       init_lora_weights=False)
 
 
+def _use_cpu() -> bool:
+    """CPU without a GPU, except under DeepSpeed: accelerate skips DeepSpeed's set-up for ``cpu=True``
+    (accelerate/state.py: ``if not cpu``), and DeepSpeed picks its CPU accelerator itself (DS_ACCELERATOR=cpu)."""
+    return not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true"
+
+
 def build_trainer(args: argparse.Namespace) -> PreferenceTrainer:
     model, tokenizer = build_model_and_tokenizer(args.model)
     output = Path(args.output)
@@ -69,7 +75,7 @@ def build_trainer(args: argparse.Namespace) -> PreferenceTrainer:
         output_dir=str(output), ref_cache_dir=args.cache_dir or str(output / "ref_cache"), loss_type=args.loss,
         stream_layout=args.layout, per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=args.lr, optim=args.optim, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+        disable_tqdm=True, use_cpu=_use_cpu())
     data = load_preference_dataset(args.data, split="train").select(range(args.pairs))
     return PreferenceTrainer(model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=lora_config() if args.lora else None)
