@@ -9,6 +9,7 @@ accelerate's FSDP2 and DeepSpeed ZeRO-2/3 configs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fastpref.data.tiny_models import build_model
+from fastpref.model.prefix_kv import compute_prefix_kv
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "accelerate"
@@ -196,3 +200,53 @@ def test_fully_shard_sr_dpo_step_matches_single_process(tmp_path):
     multi_state, single_state = (torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("multi", "single"))
     for kind in ("grads", "params"):
         _assert_same_parameters(multi_state[kind], single_state[kind], kind)
+
+
+class _FakeZero3:
+    """Stands in for ``deepspeed``: ``partition`` empties each parameter (keeping its data aside) and tags it with
+    ``ds_id`` as ZeRO-3 does; ``zero.GatheredParameters`` restores the data of the parameters it is given for the
+    block and records the call. The gather must run outside inference mode: DeepSpeed assigns ``param.data``,
+    and inference tensors there would break the optimizer's later in-place updates."""
+
+    def __init__(self):
+        self.stash: dict[int, torch.Tensor] = {}
+        self.calls: list[int] = []
+        self.zero = self
+
+    def partition(self, model: torch.nn.Module) -> None:
+        for index, param in enumerate(model.parameters()):
+            param.ds_id = index
+            self.stash[index] = param.data
+            param.data = torch.empty(0, dtype=param.dtype)
+
+    @contextlib.contextmanager
+    def GatheredParameters(self, params, modifier_rank=None):  # noqa: N802 (deepspeed's name)
+        assert modifier_rank is None and not torch.is_inference_mode_enabled()
+        params = list(params)
+        self.calls.append(len(params))
+        for param in params:
+            param.data = self.stash[param.ds_id]
+        try:
+            yield
+        finally:
+            for param in params:
+                param.data = torch.empty(0, dtype=param.dtype)
+
+
+def test_prefix_kv_gathers_zero3_partitioned_weights(monkeypatch):
+    """Under ZeRO-3 every parameter is an empty shard outside a gather: the prefix's keys/values are computed with
+    all weights gathered (equal to the unpartitioned model's), and the weights are partitioned again after. A
+    prefix pass on the bare partitioned module fails on the empty weights."""
+    torch.manual_seed(0)
+    model = build_model("tiny-llama", vocab_size=97)
+    prefix_ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = compute_prefix_kv(model, prefix_ids)
+    fake = _FakeZero3()
+    fake.partition(model)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    got = compute_prefix_kv(model, prefix_ids)
+    assert fake.calls == [len(fake.stash)]  # one gather of every partitioned parameter
+    assert all(p.numel() == 0 for p in model.parameters())
+    for (key, value), (want_key, want_value) in zip(got.key_values, expected.key_values, strict=True):
+        torch.testing.assert_close(key, want_key, rtol=0, atol=0)
+        torch.testing.assert_close(value, want_value, rtol=0, atol=0)
