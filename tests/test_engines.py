@@ -250,3 +250,38 @@ def test_prefix_kv_gathers_zero3_partitioned_weights(monkeypatch):
     for (key, value), (want_key, want_value) in zip(got.key_values, expected.key_values, strict=True):
         torch.testing.assert_close(key, want_key, rtol=0, atol=0)
         torch.testing.assert_close(value, want_value, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed_zero2", "deepspeed_zero3"])
+def test_gpu_engines_match_single_process(tmp_path, engine):
+    """accelerate's FSDP2 and DeepSpeed ZeRO-2/3 on 2 GPUs × 4 pairs against 1 GPU × 8 pairs: Sr-DPO with the
+    cached prefix (gathered/unsharded weights) in the tree layout, full fine-tune and LoRA, losses and final
+    parameters; the reference cache written once. Needs 2 CUDA devices (and deepspeed for the ZeRO configs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    env = {**os.environ, **_ENV}
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER.format(examples=str(EXAMPLES)))
+    combos = ("tree-full", "tree-lora")
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                    str(EXAMPLES / f"{engine}.yaml"), "--main_process_port", "29651", str(script), str(multi), "4",
+                    ",".join(combos)], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, str(script), str(single), "8", ",".join(combos)], check=True,
+                   env={**env, "CUDA_VISIBLE_DEVICES": "0"}, timeout=600)
+    for combo in combos:
+        multi_report = json.loads((multi / f"{combo}.json").read_text())
+        single_report = json.loads((single / f"{combo}.json").read_text())
+        expected = "FSDP" if engine == "fsdp2" else "DEEPSPEED"
+        assert multi_report["world"] == 2 and multi_report["distributed_type"] == f"DistributedType.{expected}"
+        # GPU reductions reorder float32 sums: 1e-5 relative instead of the CPU tests' 1e-6.
+        assert multi_report["losses"] == pytest.approx(single_report["losses"], rel=1e-5, abs=1e-6), combo
+        multi_params, single_params = _params(multi / f"{combo}.json"), _params(single / f"{combo}.json")
+        for name, value in single_params.items():
+            error = (multi_params[name] - value).abs().max().item()
+            assert error <= 1e-5 * (value.abs().max().item() + 1e-12) + 1e-6, (combo, name, error)
+        assert len(list((multi / combo / "ref_cache").glob("*.safetensors"))) == 2, combo

@@ -24,6 +24,7 @@ from fastpref import PreferenceConfig, PreferenceTrainer
 from fastpref.data import load_preference_dataset
 from fastpref.data.tiny_models import MODEL_NAMES, build_model
 from fastpref.data.tokenizer import build_tokenizer
+from fastpref.model.prefix_kv import gathered_parameters
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,9 +83,12 @@ def build_trainer(args: argparse.Namespace) -> PreferenceTrainer:
 
 
 def write_report(trainer: PreferenceTrainer, path: Path) -> None:
-    """Rank 0: losses, world size and reference passes to ``path``; trainable parameters to ``path``.pt."""
+    """Rank 0: losses, world size and reference passes to ``path``; trainable parameters to ``path``.pt.
+    Every rank calls it (gathering sharded parameters is collective)."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    state = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    with gathered_parameters(model):  # ZeRO-3: whole weights; FSDP2: full_tensor() gathers each DTensor
+        state = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+                 for name, p in model.named_parameters() if p.requires_grad}
     if trainer.is_world_process_zero():
         torch.save(state, path.with_suffix(".pt"))
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
