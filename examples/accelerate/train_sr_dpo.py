@@ -76,7 +76,8 @@ def build_trainer(args: argparse.Namespace) -> PreferenceTrainer:
         output_dir=str(output), ref_cache_dir=args.cache_dir or str(output / "ref_cache"), loss_type=args.loss,
         stream_layout=args.layout, per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=args.lr, optim=args.optim, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-        disable_tqdm=True, use_cpu=_use_cpu())
+        disable_tqdm=True, use_cpu=_use_cpu(),
+        ddp_backend=os.environ.get("FASTPREF_DDP_BACKEND"))
     data = load_preference_dataset(args.data, split="train").select(range(args.pairs))
     return PreferenceTrainer(model, args=config, train_dataset=data, processing_class=tokenizer,
                              peft_config=lora_config() if args.lora else None)
