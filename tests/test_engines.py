@@ -46,14 +46,23 @@ def counting(dataset, collator, batch_size, accelerator, stream_logps, *args, **
     return compute(dataset, collator, batch_size, accelerator, counted_logps, *args, **kwargs)
 trainer_module.compute_reference_logps = counting
 
+# A ZeRO-3 TrainingArguments alive in the process makes transformers build every later model already
+# partitioned (deepspeed.zero.Init), before any engine hooks exist; each run here starts from a plain model.
+try:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+except ImportError:
+    unset_hf_deepspeed_config = lambda: None
+
 out, batch, combos = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
 for combo in combos:
     layout, mode = combo.split("-")
     argv = ["--output", str(out / combo), "--batch", batch, "--layout", layout, "--steps", "3",
             "--optim", "sgd", "--lr", "0.5", "--report", str(out / (combo + ".json"))] + (["--lora"] if mode == "lora" else [])
     counted["pairs"] = 0
+    unset_hf_deepspeed_config()
     trainer = train_sr_dpo.main(argv)
     first = counted["pairs"]
+    unset_hf_deepspeed_config()
     again = train_sr_dpo.build_trainer(train_sr_dpo.parse_args(argv))
     rank = trainer.accelerator.process_index
     (out / f"{{combo}}.rank{{rank}}.json").write_text(json.dumps(
@@ -149,27 +158,33 @@ def _assert_same_parameters(multi: dict, single: dict, combo: str) -> None:
         assert error <= 1e-6 * scale + 1e-7, f"{combo}: {name} differs by {error:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.slow
-def test_accelerate_ddp_sr_dpo_matches_single_process(tmp_path):
-    """2 gloo ranks × 4 pairs = 1 process × 8 pairs for Sr-DPO with the cached refinement prefix: the loss curve
-    and every final trainable parameter, in the tree and padded layouts, full fine-tune and LoRA. The reference
-    pass is sharded (each rank computes 4 of the 8 pairs per stream), written once (one file per stream) and
-    reused by the next trainer. Plain SGD, so a parameter difference is a gradient difference (Adam would hide a
-    gradient scaled by the world size, and amplifies float32 noise in near-zero gradients). Catches gradients that are not averaged, a prefix cached from one rank's weights
-    or not refreshed after the step, a reference pass repeated on every rank or recomputed on a cache hit."""
-    env = {**os.environ, **_ENV}
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory) -> Path:
+    """Every combo of COMBOS in one process, 8 pairs a step: the runs the multi-process ones must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    script = out / "driver.py"
+    script.write_text(_DRIVER.format(examples=str(EXAMPLES)))
+    subprocess.run([sys.executable, str(script), str(out), "8", ",".join(COMBOS)], check=True,
+                   env={**os.environ, **_ENV}, timeout=400)
+    return out
+
+
+def _launch_combos(tmp_path: Path, config: str, env: dict, port: int) -> Path:
+    """``accelerate launch --config_file config`` of the driver over COMBOS with 4 pairs per rank."""
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER.format(examples=str(EXAMPLES)))
-    multi, single = tmp_path / "multi", tmp_path / "single"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "ddp_cpu.yaml"),
-              "--main_process_port", "29631"]
-    subprocess.run([*launch, str(script), str(multi), "4", ",".join(COMBOS)], check=True, env=env, timeout=400)
-    subprocess.run([sys.executable, str(script), str(single), "8", ",".join(COMBOS)], check=True, env=env,
-                   timeout=400)
+    multi = tmp_path / "multi"
+    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / config),
+                    "--main_process_port", str(port), str(script), str(multi), "4", ",".join(COMBOS)],
+                   check=True, env={**os.environ, **_ENV, **env}, timeout=400)
+    return multi
+
+
+def _assert_matches_single(multi: Path, single: Path, distributed_type: str) -> None:
     for combo in COMBOS:
         multi_report = json.loads((multi / f"{combo}.json").read_text())
         single_report = json.loads((single / f"{combo}.json").read_text())
-        assert multi_report["world"] == 2 and multi_report["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert multi_report["world"] == 2 and multi_report["distributed_type"] == f"DistributedType.{distributed_type}"
         assert single_report["world"] == 1 and len(multi_report["losses"]) == 3
         assert multi_report["losses"] == pytest.approx(single_report["losses"], rel=1e-6, abs=1e-7), combo
         _assert_same_parameters(_params(multi / f"{combo}.json"), _params(single / f"{combo}.json"), combo)
@@ -179,6 +194,31 @@ def test_accelerate_ddp_sr_dpo_matches_single_process(tmp_path):
             counts = json.loads((multi / f"{combo}.rank{rank}.json").read_text())
             # 8 pairs, 2 streams, half on each rank; nothing computed again on a cache hit.
             assert counts == {"first_pairs": 8, "first_passes": 2, "again_passes": 0, "again_pairs": 0}, (combo, rank)
+
+
+@pytest.mark.slow
+def test_accelerate_ddp_sr_dpo_matches_single_process(tmp_path, single_runs):
+    """2 gloo ranks × 4 pairs = 1 process × 8 pairs for Sr-DPO with the cached refinement prefix: the loss curve
+    and every final trainable parameter, in the tree and padded layouts, full fine-tune and LoRA. The reference
+    pass is sharded (each rank computes 4 of the 8 pairs per stream), written once (one file per stream) and
+    reused by the next trainer. Plain SGD, so a parameter difference is a gradient difference (Adam would hide a
+    gradient scaled by the world size, and amplifies float32 noise in near-zero gradients). Catches gradients
+    that are not averaged, a prefix cached from one rank's weights or not refreshed after the step, a reference
+    pass repeated on every rank or recomputed on a cache hit."""
+    _assert_matches_single(_launch_combos(tmp_path, "ddp_cpu.yaml", {}, 29631), single_runs, "MULTI_CPU")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_deepspeed_cpu_matches_single_process(tmp_path, single_runs, stage):
+    """DeepSpeed ZeRO-2/3 through accelerate on CPU (DS_ACCELERATOR=cpu, gloo; docs/scaling.md): the DDP test's
+    runs and checks. Under ZeRO-3 every parameter is partitioned: the refinement prefix is computed from gathered
+    weights, and the no-grad passes must not run in inference mode (DeepSpeed's backward hooks then fail on
+    the parameters' inference-tensor data: this test fails so without prefix_kv's no_grad for ZeRO-3)."""
+    pytest.importorskip("deepspeed")
+    env = {"DS_ACCELERATOR": "cpu", "FASTPREF_DDP_BACKEND": "gloo"}
+    multi = _launch_combos(tmp_path, f"deepspeed_zero{stage}.yaml", env, 29633 + stage)
+    _assert_matches_single(multi, single_runs, "DEEPSPEED")
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ refused (:class:`CheckpointedCacheError`).
 Sharded weights: under FSDP2 (``fully_shard``) pass the sharded module itself (what accelerate's
 ``unwrap_model`` returns, FSDP2 wraps in place): its forward hooks unshard each block. DeepSpeed ZeRO-3
 partitions every parameter (each carries a ``ds_id``); :func:`compute_prefix_kv` then gathers them for the
-prefix pass (:func:`gathered_parameters`), outside inference mode, before its forward.
+prefix pass (:func:`gathered_parameters`), outside inference mode, before its forward; and
+:func:`frozen_forward` uses ``torch.no_grad`` for such models (ZeRO-3's hooks rewrite ``param.data``, which
+inference mode would turn into inference tensors that DeepSpeed's backward hooks cannot use).
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ def check_cache_forward(model: torch.nn.Module) -> None:
             "fastpref.model.prefix_kv.frozen_forward(model) (eval + inference mode)")
 
 
+def _zero3_partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 partitioned (it tags each with ``ds_id``)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def gathered_parameters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Whole ZeRO-3-partitioned parameters of ``model`` inside the block (read-only), else a no-op.
 
     DeepSpeed marks partitioned parameters with ``ds_id``; ``deepspeed.zero.GatheredParameters`` all-gathers
     them (every rank holds the full weights for the block) and frees the copies on exit."""
-    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    partitioned = _zero3_partitioned(model)
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
@@ -74,13 +81,17 @@ def frozen_forward(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (each module's previous training flag restored on exit) and ``torch.inference_mode``.
 
     For passes that need no gradient: no dropout, no activations kept, and gradient checkpointing (which only
-    acts in train mode) leaves a KV cache alone. peft adapters stay as they are: wrap in
+    acts in train mode) leaves a KV cache alone. ``torch.no_grad`` instead of inference mode for ZeRO-3
+    partitioned models. peft adapters stay as they are: wrap in
     ``model.disable_adapter()`` for the reference.
     """
     previous = [(module, module.training) for module in model.modules()]
     model.eval()
+    # ZeRO-3 hooks assign each parameter's gathered and released data inside the forward: under inference mode
+    # those become inference tensors, and DeepSpeed's backward hooks then fail on them (no grad_fn).
+    no_grad = torch.no_grad() if _zero3_partitioned(model) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with no_grad:
             yield
     finally:
         for module, training in previous:
