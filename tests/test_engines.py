@@ -1,10 +1,10 @@
 """Multi-process training through accelerate's engines, against the single-process run on the same global batch.
 
-CPU (gloo), always run as `slow`: DDP launched by ``accelerate launch`` with the shipped
-examples/accelerate/ddp_cpu.yaml, Sr-DPO with the cached refinement prefix in the tree and padded layouts, full
-fine-tune and LoRA; FSDP2's ``fully_shard`` applied directly (accelerate cannot select FSDP on CPU: see
-docs/scaling.md) around the fused head and the Sr-DPO loss. GPU (`gpu`, 2 devices): the same runs through
-accelerate's FSDP2 and DeepSpeed ZeRO-2/3 configs.
+CPU (gloo), all `slow`: DDP and DeepSpeed ZeRO-2/3 (when deepspeed is installed) launched by ``accelerate
+launch`` with the shipped examples/accelerate/*.yaml, Sr-DPO with the cached refinement prefix in the tree and
+padded layouts, full fine-tune and LoRA; FSDP2's ``fully_shard`` applied directly (accelerate cannot select
+FSDP on CPU: docs/scaling.md) around the fused head and the Sr-DPO loss. Fast: the ZeRO-3 gather of the prefix
+pass with a stand-in partitioner. GPU (`gpu`, 2 devices): accelerate's FSDP2 and DeepSpeed ZeRO-2/3 configs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ builds the model, data and PreferenceConfig. ``--batch`` is per process: keep ``
 train on the same global batch. With ``--report FILE`` rank 0 writes the logged losses and the trainable
 parameters (a ``torch.save`` state dict next to it) for comparing runs. The default model and data are
 fastpref's tiny built-in ones so the script runs anywhere; pass ``--model`` to load a hub or local model.
+DeepSpeed on CPU: set ``DS_ACCELERATOR=cpu`` and ``FASTPREF_DDP_BACKEND=gloo`` (passed as ``ddp_backend``; see
+docs/scaling.md for why accelerate needs it).
 """
 
 from __future__ import annotations
