@@ -19,6 +19,13 @@ than writes in place, so the stored prefix is never modified; gradient checkpoin
 cache with only a warning (what follows depends on the model: Llama then fails on the mask's shape), so the
 cached passes run in eval mode (:func:`frozen_forward`) and a train-mode checkpointed model with a cache is
 refused (:class:`CheckpointedCacheError`).
+
+Sharded weights: under FSDP2 (``fully_shard``) pass the sharded module itself (what accelerate's
+``unwrap_model`` returns, FSDP2 wraps in place): its forward hooks unshard each block. DeepSpeed ZeRO-3
+partitions every parameter (each carries a ``ds_id``); :func:`compute_prefix_kv` then gathers them for the
+prefix pass (:func:`gathered_parameters`), outside inference mode, before its forward; and
+:func:`frozen_forward` uses ``torch.no_grad`` for such models (ZeRO-3's hooks rewrite ``param.data``, which
+inference mode would turn into inference tensors that DeepSpeed's backward hooks cannot use).
 """
 
 from __future__ import annotations
@@ -51,18 +58,40 @@ def check_cache_forward(model: torch.nn.Module) -> None:
             "fastpref.model.prefix_kv.frozen_forward(model) (eval + inference mode)")
 
 
+def _zero3_partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters DeepSpeed ZeRO-3 partitioned (it tags each with ``ds_id``)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def gathered_parameters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Whole ZeRO-3-partitioned parameters of ``model`` inside the block (read-only), else a no-op.
+
+    DeepSpeed marks partitioned parameters with ``ds_id``; ``deepspeed.zero.GatheredParameters`` all-gathers
+    them (every rank holds the full weights for the block) and frees the copies on exit."""
+    partitioned = _zero3_partitioned(model)
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 @contextlib.contextmanager
 def frozen_forward(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode (each module's previous training flag restored on exit) and ``torch.inference_mode``.
 
     For passes that need no gradient: no dropout, no activations kept, and gradient checkpointing (which only
-    acts in train mode) leaves a KV cache alone. peft adapters stay as they are: wrap in
+    acts in train mode) leaves a KV cache alone. ``torch.no_grad`` instead of inference mode for ZeRO-3
+    partitioned models. peft adapters stay as they are: wrap in
     ``model.disable_adapter()`` for the reference.
     """
     previous = [(module, module.training) for module in model.modules()]
     model.eval()
+    # ZeRO-3 hooks assign each parameter's gathered and released data inside the forward: under inference mode
+    # those become inference tensors, and DeepSpeed's backward hooks then fail on them (no grad_fn).
+    no_grad = torch.no_grad() if _zero3_partitioned(model) else torch.inference_mode()
     try:
-        with torch.inference_mode():
+        with no_grad:
             yield
     finally:
         for module, training in previous:
@@ -92,7 +121,8 @@ def compute_prefix_kv(model: torch.nn.Module, prefix_ids: Sequence[int]) -> Pref
     """Run ``model`` once over the prefix (eval + inference mode) and keep its keys/values.
 
     Works for plain and peft-wrapped models (adapters as they are). Models whose cache would not hold the whole
-    prefix (a sliding window shorter than it, recurrent or non-attention layers) are refused.
+    prefix (a sliding window shorter than it, recurrent or non-attention layers) are refused. ZeRO-3
+    partitioned weights are gathered for the pass; FSDP2 modules unshard through their own hooks.
     """
     ids = tuple(prefix_ids)
     if len(ids) == 0:
@@ -101,7 +131,7 @@ def compute_prefix_kv(model: torch.nn.Module, prefix_ids: Sequence[int]) -> Pref
         raise ValueError("prefix_ids must hold non-negative Python ints (token ids)")
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    with frozen_forward(model):
+    with gathered_parameters(model), frozen_forward(model):
         cache = DynamicCache(config=model.config)
         model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     # Sliding-window layers hold the whole prefix while it is shorter than the window; the streams after it are
