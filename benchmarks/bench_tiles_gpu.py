@@ -52,13 +52,15 @@ def make_inputs(rows, dim, vocab, device):
 def ops(inputs):
     """{"fwd": callable, "bwd_dW": callable}: the forward kernel, and the backward asked for dW only."""
     from fastpref.kernels import linear_logps_bwd, linear_logps_fwd
+    from fastpref.logps.contract import GradsWanted, LinearHead
 
     hidden, weight, labels, grad_rows = inputs
     _, state, _, _ = linear_logps_fwd.linear_logps_forward(hidden, weight, None, labels, -100, 1.0, None)
     return {
         "fwd": lambda: linear_logps_fwd.linear_logps_forward(hidden, weight, None, labels, -100, 1.0, None)[0],
-        "bwd_dW": lambda: linear_logps_bwd.linear_logps_backward(hidden, weight, None, labels, state, grad_rows,
-                                                                 -100, 1.0, None, False, True, False)[1],
+        "bwd_dW": lambda: linear_logps_bwd.linear_logps_backward(
+            LinearHead(hidden, weight, None, labels, -100, 1.0, None), state, grad_rows,
+            GradsWanted(hidden=False, weight=True, bias=False))[1],
     }
 
 

@@ -59,6 +59,7 @@
 
 #include "linear_logps_cpu.h"
 #include "logps_cpu_rows.h"
+#include "op_checks.h"
 
 namespace fastpref::cpu {
 namespace {
@@ -96,16 +97,6 @@ void check_linear_inputs(const char* op, const at::Tensor& hidden, const at::Ten
               temperature);
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and >= 0 (0 = none), got ",
               softcap);
-}
-
-// t must be [rows] in dtype `one` or `other`.
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType one,
-                      at::ScalarType other) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must be [N] with N = ", rows, ", got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == one || t.scalar_type() == other, op, ": ", name, " must be ", one,
-              one == other ? "" : " or ", one == other ? "" : c10::toString(other), ", got ", t.scalar_type());
 }
 
 // Indices of the rows that need vocabulary work: label ≠ ignore_index and, when grad is given, grad ≠ 0.

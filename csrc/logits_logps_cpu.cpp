@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "logps_cpu_rows.h"
+#include "op_checks.h"
 
 namespace fastpref::cpu {
 namespace {
@@ -64,16 +65,6 @@ void check_logits_inputs(const char* op, const at::Tensor& logits, const at::Ten
   TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
               temperature);
-}
-
-// t must be [rows] in dtype `one` or `other`.
-void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t rows, at::ScalarType one,
-                      at::ScalarType other) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must be [N] with N = ", rows, ", got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == one || t.scalar_type() == other, op, ": ", name, " must be ", one,
-              one == other ? "" : " or ", one == other ? "" : c10::toString(other), ", got ", t.scalar_type());
 }
 
 // Forward op: token_logps [N], row_max and row_log_sum [N] (or [0] unless need_lse), in the accumulation dtype

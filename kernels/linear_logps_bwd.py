@@ -201,16 +201,18 @@ def unit_backward(unit: torch.Tensor, grad_rows: torch.Tensor, temperature: floa
     return ((grad_rows / temperature)[:, None] * unit.float()).to(dtype)
 
 
-def linear_logps_backward(hidden, weight, bias, labels, state, grad_rows, ignore_index, temperature, softcap,
-                          need_hidden, need_weight, need_bias):
-    """(dH | None, dW | None, dbias | None) in the inputs' dtypes, float32 accumulation. `state` [2, N] is the
-    forward's (row max, log-sum)."""
+def linear_logps_backward(head, state, grad_rows, wanted):
+    """(dH | None, dW | None, dbias | None) in the inputs' dtypes, float32 accumulation, for the
+    :class:`fastpref.logps.contract.LinearHead` `head` (contiguous tensors) and the gradients `wanted`
+    (:class:`~fastpref.logps.contract.GradsWanted`). `state` [2, N] is the forward's (row max, log-sum)."""
+    hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
+    need_hidden, need_weight, need_bias = wanted
     refuse_float64("hidden", hidden)
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
     out_dtype = store_dtype(hidden.dtype)
-    order, count = compact_rows((labels != ignore_index) & (grad_rows != 0))
+    order, count = compact_rows((labels != head.ignore_index) & (grad_rows != 0))
     dh = torch.zeros(rows, dim, device=device, dtype=out_dtype) if need_hidden else None
     dw = torch.empty(vocab, dim, device=device, dtype=out_dtype) if need_weight else None
     db = torch.empty(vocab, device=device, dtype=torch.float32) if need_bias else None
@@ -220,14 +222,18 @@ def linear_logps_backward(hidden, weight, bias, labels, state, grad_rows, ignore
         if db is not None:
             db.zero_()
     else:
-        _run_chunks(hidden, weight, bias, labels, state, grad_rows, order, count, temperature, softcap,
-                    out_dtype, dh, dw, db)
+        _run_chunks(head, state, grad_rows, (order, count), (dh, dw, db))
     return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
             None if db is None else db.to(bias.dtype))
 
 
-def _run_chunks(hidden, weight, bias, labels, state, grad_rows, order, count, temperature, softcap, out_dtype,
-                dh, dw, db):
+def _run_chunks(head, state, grad_rows, work, outputs):
+    """Launch the backward kernels chunk by chunk over (rows, vocabulary); `work` = (order, count) of the rows with
+    work, `outputs` = (dh, dw, db), each None when not wanted."""
+    hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
+    temperature, softcap = head.temperature, head.softcap
+    (order, count), (dh, dw, db) = work, outputs
+    out_dtype = store_dtype(hidden.dtype)
     rows, dim = hidden.shape
     vocab = weight.shape[0]
     tiles = {name: tile_config(name, hidden.dtype) for name in ("dlogits", "hidden_grad", "weight_grad")}

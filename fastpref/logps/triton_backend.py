@@ -75,9 +75,9 @@ def _linear_bwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Ten
                 grad_rows: Tensor, ignore_index: int, temperature: float, softcap: float | None, need_hidden: bool,
                 need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     with _on_device(hidden):
-        dh, dw, db = linear_logps_backward(*_contiguous(hidden, weight, bias, labels), state.contiguous(),
-                                           grad_rows.contiguous(), ignore_index, temperature, softcap, need_hidden,
-                                           need_weight, need_bias)
+        head = LinearHead(*_contiguous(hidden, weight, bias, labels), ignore_index, temperature, softcap)
+        dh, dw, db = linear_logps_backward(head, state.contiguous(), grad_rows.contiguous(),
+                                           GradsWanted(need_hidden, need_weight, need_bias))
     return (_nothing(hidden) if dh is None else dh, _nothing(weight) if dw is None else dw,
             _nothing(weight) if db is None else db)
 
