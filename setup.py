@@ -109,7 +109,7 @@ setup(
             "tokenizers>=0.21",
             "tqdm",
         ],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "trl>=1.0"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7", "trl>=1.0"],
     },
     entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
     zip_safe=False,

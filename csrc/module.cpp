@@ -11,11 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpref compiled kernels (registered as torch.ops.fastpref.*)";
   // The torch release this binary was compiled against; fastpref._ext refuses to use it under another one.
   m.attr("built_with_torch") = FASTPREF_TORCH_VERSION;
-#ifdef FASTPREF_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
 #ifdef _OPENMP
   m.attr("with_openmp") = true;
 #else

@@ -19,6 +19,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastpref._ext import env_flag
 from fastpref.backends import BackendUnavailableError
 
 HELP = """\
@@ -65,11 +66,6 @@ COMMON_TRAINING_FIELDS = (
     "max_grad_norm", "optim", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
     "save_total_limit", "seed", "bf16", "fp16", "gradient_checkpointing", "use_cpu", "report_to",
     "resume_from_checkpoint", "disable_tqdm", "run_name")
-
-
-def env_flag(name: str) -> bool:
-    """True when the environment variable is 1/true/yes/on (any case, spaces stripped)."""
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 @dataclass

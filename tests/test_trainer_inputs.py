@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from datasets import Dataset
 import torch
 from trainer_helpers import TOKENIZER, config, demo_rows, tiny_model
 
@@ -237,3 +238,12 @@ def test_resume_true_skips_a_torn_last_checkpoint(tmp_path, tear):
     assert sorted(got) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+def test_every_pair_too_long_is_one_clear_error(tmp_path):
+    """All prompts longer than max_length (keep_start): a ValueError naming max_length and truncation_mode before
+    any reference pass, not torch.cat's 'expected a non-empty list' from the cache."""
+    rows = [{"prompt": "a long question " * 40, "chosen": "yes", "rejected": "no"} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"no pairs left.*max_length=16.*truncation_mode='keep_start'"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path, max_length=16, truncation_mode="keep_start"),
+                          train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+from fastpref._ext import env_flag
 
 IGNORE_INDEX = -100  # the label of a row that scores nothing (PyTorch's and TRL's convention)
 
@@ -43,10 +44,6 @@ class LogpsProblem:
     ignore_index: int
     temperature: float
     softcap: float | None
-
-    @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
 
 
 def _require_tensor(name: str, value) -> torch.Tensor:
@@ -105,7 +102,7 @@ def value_checks_enabled() -> bool:
     traces (fake tensors have no values to read; reading them would break the graph)."""
     if _skip_depth or torch.compiler.is_compiling():
         return False
-    return os.environ.get("FASTPREF_SKIP_VALUE_CHECKS", "0") not in {"1", "true", "yes", "on"}
+    return not env_flag("FASTPREF_SKIP_VALUE_CHECKS")
 
 
 def _has_values(tensor: torch.Tensor) -> bool:

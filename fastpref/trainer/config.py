@@ -38,7 +38,7 @@ from transformers import TrainingArguments
 
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
 from fastpref.data.tokenization import TRUNCATION_MODES
-from fastpref.losses.table import REFINEMENTS
+from fastpref.losses.table import REFINED_LOSS_TYPES, REFINEMENTS
 from fastpref.trainer.collator import STREAM_LAYOUTS as COLLATED_LAYOUTS
 from fastpref.trainer.ref_store import MISMATCH_POLICIES
 
@@ -193,7 +193,7 @@ class PreferenceConfig(TrainingArguments):
     @property
     def uses_refinement(self) -> bool:
         """True when a loss type needs Δ (sr_dpo / sr_ipo)."""
-        return any(name in ("sr_dpo", "sr_ipo") for name in self.loss_type)
+        return any(name in REFINED_LOSS_TYPES for name in self.loss_type)
 
     @property
     def uses_augmented_stream(self) -> bool:

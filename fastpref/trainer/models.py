@@ -86,9 +86,13 @@ def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
 
 
 def reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
-    """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters)."""
+    """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters, or
+    with the frozen :data:`REFERENCE_ADAPTER` copy when it has one)."""
     if ref_model is not None:
         return model_fingerprint(ref_model)
+    if is_peft_model(policy) and REFERENCE_ADAPTER in policy.peft_config:
+        others = tuple(f".{name}." for name in policy.peft_config if name != REFERENCE_ADAPTER)
+        return model_fingerprint(policy.get_base_model(), exclude=others)
     if is_peft_model(policy):
         adapters = tuple(f".{name}." for name in policy.peft_config)
         return model_fingerprint(policy.get_base_model(), exclude=adapters)
@@ -117,3 +121,33 @@ def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str
     if layout == "tree":  # the mask of a one-pair tree: raises now if this attention cannot express a tree
         attention_mask_for(causal_lm, build_tree_batch([[0]], [[0]], [[0]]))
     return layout
+
+
+REFERENCE_ADAPTER = "fastpref_ref"
+
+
+def add_reference_adapter(peft_model) -> str:
+    """Freeze a copy of `peft_model`'s active adapter as :data:`REFERENCE_ADAPTER`: the reference of a policy that
+    arrives with adapters of its own (possibly trained), which disabling the adapters would not reproduce. TRL 1.16
+    keeps the same copy (its "ref" adapter). Returns the active adapter's name, which stays active."""
+    active = peft_model.active_adapter
+    peft_model.add_adapter(REFERENCE_ADAPTER, peft_model.peft_config[active])
+    peft_model.set_adapter(active)
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for name, param in params.items():
+            if f".{active}." in name:
+                params[name.replace(f".{active}.", f".{REFERENCE_ADAPTER}.")].copy_(param)
+    peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+    return active
+
+
+@contextlib.contextmanager
+def reference_adapter(peft_model, active: str):
+    """Within the block the frozen copy of the initial adapter is active; the trained one is again after it."""
+    peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        peft_model.set_adapter(active)
+        peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)

@@ -49,6 +49,10 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
         dataset = dataset.map(tokenize, remove_columns=[c for c in TEXT_COLUMNS if c in columns],
                               num_proc=args.dataset_num_proc, desc="Tokenizing pairs")
         errors = [e for e in dataset[_ERROR_COLUMN] if e]
+        if errors and len(errors) == len(dataset):
+            raise ValueError(f"no pairs left: all {len(dataset)} pairs are longer than max_length={args.max_length} "
+                             f"allows (truncation_mode={args.truncation_mode!r}); raise max_length, set "
+                             f"max_prompt_length, or use truncation_mode='keep_end'. First: {errors[0]}")
         if errors:
             warnings.warn(f"dropped {len(errors)} of {len(dataset)} pairs that do not fit max_length="
                           f"{args.max_length} (truncation_mode={args.truncation_mode!r}); first: {errors[0]}",

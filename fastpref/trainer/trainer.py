@@ -30,8 +30,9 @@ from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_b
 from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
-from fastpref.trainer.models import (check_vocabulary, disable_dropout, is_peft_model, reference_fingerprint,
-                                     resolve_model, resolve_stream_layout, resolve_tokenizer)
+from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
+                                     reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
+                                     resolve_tokenizer)
 from fastpref.trainer.ref_cache import (attach_columns, cache_fingerprint, collated_rows_fingerprint,
                                         compute_reference_logps, load_or_compute, ref_columns)
 from fastpref.trainer.ref_store import RefLogpsStore
@@ -68,6 +69,9 @@ class PreferenceTrainer(Trainer):
             raise ValueError("processing_class has no pad token: set tokenizer.pad_token")
         set_seed(args.seed)  # as TRL: before the model and its peft adapters are built (their init draws from the RNG)
         model = _policy_model(model, tokenizer, args, peft_config)
+        self._policy_adapter = None  # the trained adapter of a policy that came with its own (see models.py)
+        if peft_config is None and ref_model is None and is_peft_model(model):
+            self._policy_adapter = add_reference_adapter(model)
         self._needs_reference = any(not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
         self.ref_model = self._reference_model(model, ref_model, tokenizer, args)
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
@@ -125,14 +129,18 @@ class PreferenceTrainer(Trainer):
 
     @contextlib.contextmanager
     def _reference_context(self):
-        """The reference module, yielded for a no-grad, eval-mode pass (its training flag restored on exit; a peft
-        policy without its own reference yields itself with adapters disabled)."""
+        """The reference module, yielded for a no-grad, eval-mode pass (its training flag restored on exit). A peft
+        policy without its own reference yields itself: with its adapters disabled when the trainer made them from
+        ``peft_config``, with the frozen copy of its initial adapter when it came with adapters of its own."""
         model = self.model if self.ref_model is None else self.ref_model
         unwrapped = self.accelerator.unwrap_model(model)
         was_training = unwrapped.training
         unwrapped.eval()
-        adapters = unwrapped.disable_adapter() if self.ref_model is None and is_peft_model(unwrapped) \
-            else contextlib.nullcontext()
+        adapters = contextlib.nullcontext()
+        if self.ref_model is None and self._policy_adapter is not None:
+            adapters = reference_adapter(unwrapped, self._policy_adapter)
+        elif self.ref_model is None and is_peft_model(unwrapped):
+            adapters = unwrapped.disable_adapter()
         try:
             with torch.no_grad(), adapters:
                 yield model
