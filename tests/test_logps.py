@@ -318,19 +318,7 @@ def test_kernels_folder_is_not_a_top_level_package(tmp_path):
     assert out.stdout.strip() == "False"
 
 
-# Known failures of other backends' kernels (fixed in csrc/ and kernels/ by their owners): each mark names the case.
-CPP_FLOAT64 = "cpp: float64 inputs come back as float32 token_logps and take float32 grad_rows (issue 10 item 6)"
-TRITON_FLOAT64 = "triton: float64 computed in float32 / garbage gradients (issue 10 items 3, 6)"
-TRITON_EMPTY = "triton: N = 0 with a weight that needs a gradient raises (issue 10 item 2)"
-
-
-def _marked(backends, marks: dict):
-    """pytest params for `backends`, with an xfail(strict=True) on those named in `marks`."""
-    return [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=marks[b])) if b in marks else b
-            for b in backends]
-
-
-@pytest.mark.parametrize("backend", _marked(BACKENDS, {"triton": TRITON_EMPTY}))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input_returns_zeros(backend):
     """[B, 0] padded and N = 0 packed inputs: zeros (logps, counts), token_logps of the labels' shape, zero grads."""
     weight = torch.randn(7, 4, requires_grad=True)
@@ -382,7 +370,7 @@ def test_packed_sequences_are_isolated(backend):
     torch.testing.assert_close(out[others], clean[others], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", _marked(BACKENDS, {"cpp": CPP_FLOAT64, "triton": TRITON_FLOAT64}))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_in_float64_out(backend):
     """float64 inputs: float64 logps and token_logps at float64 precision, float64 gradients likewise (error
     ≤ 2 × eager float64's + 1e-12 relative); a float32 computation inside misses by ~1e-7."""

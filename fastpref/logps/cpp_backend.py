@@ -86,7 +86,7 @@ class CppKernels(LogpsKernels):
     name = "cpp"
 
     def grad_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
-        """float64 upstream gradients for float64 inputs (the kernels accumulate those in float64)."""
+        """float64 upstream gradients for float64 inputs (computed in float64)."""
         return torch.float64 if input_dtype == torch.float64 else torch.float32
 
     def linear_forward(self, head: LinearHead, wanted: GradsWanted):

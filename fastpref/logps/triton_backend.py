@@ -140,6 +140,10 @@ class TritonKernels(LogpsKernels):
 
     name = "triton"
 
+    def grad_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """float64 upstream gradients for float64 inputs (computed in float64)."""
+        return torch.float64 if input_dtype == torch.float64 else torch.float32
+
     def linear_forward(self, head: LinearHead, wanted: GradsWanted):
         if _float64(head.hidden):
             return TORCH_KERNELS.linear_forward(head, wanted)
