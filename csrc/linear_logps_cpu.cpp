@@ -276,7 +276,7 @@ at::Tensor hidden_grad_from_unit(const GatheredRows& rows, const at::Tensor& wei
     // V = 1 (p = 1) gives exactly 0
     const acc_t t = target[i] * epi.cap_k;
     safe_labels[i] = valid ? rows.labels[i] : 0;
-    coef[i] = valid ? (acc_t(1) - t) * (acc_t(1) + t) : acc_t(0);
+    coef[i] = valid ? sech_squared(t) : acc_t(0);
     inv_sum[i] = 1.0 / double(sum[i]);
   }
   const auto acc = rows.hidden.scalar_type();

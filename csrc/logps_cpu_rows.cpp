@@ -186,7 +186,7 @@ float online_softmax_weights(float* z, int64_t n, float cap_k, float& running_ma
       const float e = fast_exp(z[j + l] - new_max);
       const float t = z[j + l] * cap_k;
       lanes[l] += e;
-      z[j + l] = e * ((1.0f - t) * (1.0f + t));
+      z[j + l] = e * sech_squared(t);
     }
   }
   float total = 0.0f;
@@ -194,7 +194,7 @@ float online_softmax_weights(float* z, int64_t n, float cap_k, float& running_ma
     const float e = fast_exp(z[j] - new_max);
     const float t = z[j] * cap_k;
     total += e;
-    z[j] = e * ((1.0f - t) * (1.0f + t));
+    z[j] = e * sech_squared(t);
   }
   float lane_total = 0.0f;
   for (int l = 0; l < kLanes; ++l) lane_total += lanes[l];
@@ -221,7 +221,7 @@ double online_softmax_weights(double* z, int64_t n, double cap_k, double& runnin
     const double e = std::exp(z[j] - new_max);
     const double t = z[j] * cap_k;
     sum += e;
-    z[j] = e * ((1.0 - t) * (1.0 + t));
+    z[j] = e * sech_squared(t);
   }
   running_sum = sum;
   running_max = new_max;
@@ -235,7 +235,7 @@ void softmax_grad(float* z, int64_t n, float row_max, float log_sum, float scale
   if (cap_k != 0.0f) {
     for (int64_t j = 0; j < n; ++j) {
       const float t = z[j] * cap_k;
-      z[j] = -fast_exp((z[j] - row_max) - log_sum) * scale * ((1.0f - t) * (1.0f + t));
+      z[j] = -fast_exp((z[j] - row_max) - log_sum) * scale * sech_squared(t);
     }
   } else {
     const float neg_scale = -scale;
@@ -243,7 +243,7 @@ void softmax_grad(float* z, int64_t n, float row_max, float log_sum, float scale
   }
   if (has_target) {  // (1 − p_y) formed directly: exactly 0 when p_y = 1, and no cancellation against −p_y
     const float t = target_z * cap_k;
-    z[target] = (1.0f - fast_exp((target_z - row_max) - log_sum)) * scale * ((1.0f - t) * (1.0f + t));
+    z[target] = (1.0f - fast_exp((target_z - row_max) - log_sum)) * scale * sech_squared(t);
   }
 }
 
@@ -253,11 +253,11 @@ void softmax_grad(double* z, int64_t n, double row_max, double log_sum, double s
   const double target_z = has_target ? z[target] : 0.0;
   for (int64_t j = 0; j < n; ++j) {
     const double t = z[j] * cap_k;
-    z[j] = -std::exp((z[j] - row_max) - log_sum) * scale * ((1.0 - t) * (1.0 + t));
+    z[j] = -std::exp((z[j] - row_max) - log_sum) * scale * sech_squared(t);
   }
   if (has_target) {
     const double t = target_z * cap_k;
-    z[target] = (1.0 - std::exp((target_z - row_max) - log_sum)) * scale * ((1.0 - t) * (1.0 + t));
+    z[target] = (1.0 - std::exp((target_z - row_max) - log_sum)) * scale * sech_squared(t);
   }
 }
 

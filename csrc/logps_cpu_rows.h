@@ -6,9 +6,20 @@
 // combined in a fixed order, so a result never depends on the thread count or on which version runs.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace fastpref::cpu {
+
+// 1 − tanh² from t = z·cap_k, the tanh that a capped, tempered logit z gives back. A saturated tanh (±1) comes
+// back as ±1 or its neighbouring values, so |t| at or above the largest value below 1 counts as saturated and its
+// factor is 0, as eager's is (its tanh rounds to ±1 there).
+template <typename T>
+inline T sech_squared(T t) {
+  const T a = std::fabs(t);
+  return a >= T(1) - std::numeric_limits<T>::epsilon() / 2 ? T(0) : (T(1) - a) * (T(1) + a);
+}
 
 // z[j] <- cap(z[j] + bias[j]) * inv_temperature, cap(a) = softcap * tanh(a / softcap) when softcap > 0, else a.
 // bias may be null. The float tanh is accurate to a few ulp relative over the whole range (an odd polynomial

@@ -35,7 +35,7 @@ from fastpref.logps import oracle as logps_oracle
 from fastpref.logps import torch_backend
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, Phase, assume, given, note, seed, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, note, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 # On a CUDA machine the triton backend wants CUDA tensors; this suite builds CPU ones (tests/test_gpu_logps.py
@@ -194,21 +194,9 @@ def _check_grads(outs, params, exact_params, names, g_seq, g_tok, dtype):
         assert_within_eager(f"grad {name}", g, e, w, dtype)
 
 
-def known_gap(test: str, backend: str, case: Case) -> str | None:
-    """Why `case` lies in a region where a compiled kernel is known to miss the error rule (still open), else None.
-    CI draws around it; test_known_gap pins it with a strict xfail, so a fix shows up as XPASS."""
-    if backend == "cpp" and test == "linear" and case.softcap is not None:
-        raw = 4 * case.magnitude + abs(case.offset) + (4 if case.bias else 0)  # about the largest |raw logit|
-        if raw / case.softcap >= 9:  # tanh(raw / softcap) rounds to ±1 in float32
-            return ("cpp: 1 − tanh² of a saturated softcap is recomputed from the tempered logit, so it is a few "
-                    "ulps instead of exactly 0 (eager's is 0)")
-    return None
-
-
 def _record(test: str, backend: str, case: Case, error: BaseException | None):
     with open(LOG_PATH, "a") as log:
-        entry = {"test": test, "backend": backend, "case": repr(case), "ok": error is None,
-                 "known": known_gap(test, backend, case)}
+        entry = {"test": test, "backend": backend, "case": repr(case), "ok": error is None}
         if error is not None:
             entry["error"] = "".join(traceback.format_exception_only(type(error), error)).strip()[-2000:]
         log.write(json.dumps(entry) + "\n")
@@ -216,8 +204,6 @@ def _record(test: str, backend: str, case: Case, error: BaseException | None):
 
 def _run(test: str, backend: str, case: Case, check):
     note(repr(case))
-    if LOG_PATH is None:
-        assume(known_gap(test, backend, case) is None)
     patch = (mock.patch.object(torch_backend, "ROW_BLOCK", case.blocks[0]),
              mock.patch.object(torch_backend, "VOCAB_BLOCK", case.blocks[1]))
     with patch[0], patch[1]:
@@ -310,8 +296,12 @@ def _case(**changes) -> Case:
 
 
 # Minimal reproducers of the fuzz run's findings in the compiled kernels (issue 10 items 2, 7, 8): large logits,
-# V = 1, large softcaps, N = 0 with gradients wanted. Each failed before its kernel fix.
+# V = 1, large and saturated softcaps, N = 0 with gradients wanted. Each failed before its kernel fix.
 FOUND_CASES = [
+    # a saturated softcap: 1 − tanh² recovered from the tempered logit must be exactly 0, as eager's
+    ("linear", "cpp", _case(dtype="fp32", layout=("padded", 2, 17), dim=1, vocab=4097, seed=50941772, bias=True,
+                            offset=500.0, softcap=1.0, temperature=0.7, weighted=True, magnitude=30.0,
+                            grad_weight=False, grads="sparse")),
     ("linear", "cpp", _case(vocab=1, dim=3, magnitude=4.0, softcap=1.0)),
     ("linear", "cpp", _case(vocab=5, dim=2, magnitude=300.0, layout=("packed", 11, 6))),
     ("logits", "cpp", _case(vocab=127, magnitude=300.0, offset=500.0, seed=1, layout=("packed", 6, 3))),
@@ -329,13 +319,3 @@ def test_fuzz_findings_stay_fixed(test, backend, case):
         pytest.skip(f"backend {backend} is not available")
     {"linear": _linear_case, "logits": _logits_case}[test](backend, case)
 
-
-GAP_CASE = _case(dtype="fp32", layout=("padded", 2, 17), dim=1, vocab=4097, seed=50941772, bias=True, offset=500.0,
-                 softcap=1.0, temperature=0.7, weighted=True, magnitude=30.0, grad_weight=False, grads="sparse")
-
-
-@pytest.mark.xfail(strict=True, reason=known_gap("linear", "cpp", GAP_CASE))
-def test_known_gap():
-    if "cpp" not in BACKENDS:
-        pytest.skip("backend cpp is not available")
-    _linear_case("cpp", GAP_CASE)
