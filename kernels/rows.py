@@ -96,7 +96,7 @@ class TileConfig:
 @dataclass(frozen=True)
 class KernelTiles:
     """The tile configurations of one kernel: half-precision and float32 inputs on a GPU, and the interpreter's
-    (tiny tiles: ~1 ms per program)."""
+    (tiny tiles: it runs every program in Python)."""
 
     gpu: TileConfig
     gpu_fp32: TileConfig
