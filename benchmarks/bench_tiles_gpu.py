@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import plot_results, save_results  # noqa: E402
+from record import plot_results, save_results, time_ms  # noqa: E402
 
 SHAPE = (8192, 4096, 128256)
 DRY_RUN_SHAPE = (21, 16, 67)
@@ -64,16 +64,6 @@ def ops(inputs):
     }
 
 
-def time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
-
-
 def sweep_one(candidate, inputs, reference, device, shape) -> list[dict]:
     """Records of both ops under one candidate config; `reference` (op -> default output) is filled on first use."""
     import dataclasses
@@ -94,7 +84,7 @@ def sweep_one(candidate, inputs, reference, device, shape) -> list[dict]:
             out = fn().float()
             want = reference.setdefault(op, out)
             diff = ((out - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-            ms = time_ms(fn, device)
+            ms = time_ms(fn, device, warmup=10, rep=100)
             gemms = 1 if op == "fwd" else 2  # bwd_dW: the recomputed logits GEMM and the dW GEMM
             found.append(dict(base, op=op, status="ok", median_ms=ms, max_rel_diff_vs_default=diff,
                               agrees=diff < 1e-2, tflops_equiv=2 * gemms * rows * dim * vocab / ms / 1e9))

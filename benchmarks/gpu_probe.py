@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import save_results  # noqa: E402
+from record import save_results, time_ms  # noqa: E402
 
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -146,16 +145,6 @@ def ceiling_records(device, dry_run: bool) -> list[dict]:
                  tflops=2 * size ** 3 / gemm_ms / 1e9, passed=True, failures=[]),
             dict(check="copy_bandwidth", case=f"copy {src.numel() * 4 / 2**30:.3g} GiB", median_ms=copy_ms,
                  gb_per_s=2 * src.numel() * 4 / copy_ms / 1e6, passed=True, failures=[])]
-
-
-def time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
 
 
 def guarded(check: str, case: str, fn) -> list[dict]:

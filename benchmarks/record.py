@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -73,6 +74,17 @@ def machine() -> dict:
     else:
         info["gpu"] = None
     return info
+
+
+def time_ms(fn, device, warmup: int = 25, rep: int = 200) -> float:
+    """Median milliseconds of `fn` on CUDA (``triton.testing.do_bench``); one timed call elsewhere (dry runs)."""
+    if device.type == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
 
 
 def save_results(name: str, records: list[dict], meta: dict | None = None) -> Path:
