@@ -59,7 +59,7 @@ struct GatheredRows {
 
 // Whether the logits GEMMs h·Wᵀ of `dtype` inputs run natively in it: bf16 on a CPU with AVX-512 BF16 or AMX
 // (oneDNN: bf16 products accumulated in float32, the result rounded to bf16 once — exactly the logits eager bf16
-// computes), unless FASTPREF_CPU_NATIVE_BF16=0. Elsewhere (and for fp16, fp32, fp64) tiles are upcast to the
+// computes), when FASTPREF_CPU_NATIVE_BF16=1 (opt-in). Otherwise (and for fp16, fp32, fp64) tiles are upcast to the
 // accumulation type. The dH, dW and Σ p·W GEMMs always run in the accumulation type.
 bool native_low_precision_logits(at::ScalarType dtype);
 

@@ -568,7 +568,7 @@ def _has_native_bf16() -> bool:
 @pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
 def test_native_bf16_logits_match_float64(monkeypatch, frozen):
     """bf16 inputs: the logits GEMMs run in bf16 (float32 accumulation, one bf16 rounding like eager's logits);
-    values and gradients stay within the error rule, and differ from the upcast path (FASTPREF_CPU_NATIVE_BF16=0),
+    values and gradients stay within the error rule, and differ from the default upcast path (FASTPREF_CPU_NATIVE_BF16=1 opts in),
     which also passes — so the switch is real and both paths are checked."""
     from logps_checks import assert_within_eager
 
