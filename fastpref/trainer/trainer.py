@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache, Trainer, set_seed
 
 from fastpref.logps.inputs import skip_value_checks
-from fastpref.losses import bt_tau, odpo_offset, preference_loss
+from fastpref.losses import odpo_offset, preference_loss, tau_from_scores
 from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
@@ -259,8 +259,9 @@ class PreferenceTrainer(Trainer):
         elif "tau" in needs:
             if not has_scores:
                 raise ValueError("loss_type 'rdpo' needs a 'tau' column or 'score_chosen'/'score_rejected' columns")
-            extras["tau"] = bt_tau(inputs["score_chosen"], inputs["score_rejected"],
-                                   temperature=self.args.score_temperature)
+            extras["tau"] = tau_from_scores(inputs["score_chosen"], inputs["score_rejected"], self.args.tau_mode,
+                                            temperature=self.args.score_temperature,
+                                            score_range=self.args.score_range)
         if "offset" in inputs:
             extras["offset"] = inputs["offset"]
         elif "offset" in needs:
