@@ -61,7 +61,8 @@ class PreferenceConfig(TrainingArguments):
     ``discopop_tau``, ``f_divergence_type``/``f_alpha_divergence_coef``, ``simpo_gamma``,
     ``refine_lambda``/``refinement``/``refinement_prompt`` (Sr-DPO/Sr-IPO),
     ``odpo_alpha`` (ODPO offsets from score columns), ``tau_mode``/``score_temperature``/``score_range`` (rDPO τ from score
-    columns, :func:`fastpref.losses.tau_from_scores`).
+    columns, :func:`fastpref.losses.tau_from_scores`, per batch at loss time: the reference log-probs and so the
+    reference-cache fingerprint do not depend on them).
     """
 
     # Defaults overridden from TrainingArguments (as in TRL).
