@@ -57,3 +57,20 @@ def test_cli_parses_tau_mode(tmp_path):
     _, config = _parse(["--model", "tiny", "--dataset", "demo", "--output_dir", str(tmp_path), "--loss_type", "rdpo",
                         "--tau_mode", "normalized", "--score_range", "-5", "5"])
     assert (config.tau_mode, config.score_range) == ("normalized", [-5.0, 5.0])
+
+
+@pytest.mark.parametrize("mode,fields", [("bt", {"score_temperature": 3.0}), ("hard", {}),
+                                         ("normalized", {"score_range": [-5.0, 5.0]})])
+def test_trainer_derives_tau_with_the_configured_mode(tmp_path, mode, fields):
+    from types import SimpleNamespace
+
+    from fastpref.trainer import PreferenceTrainer
+
+    config = PreferenceConfig(output_dir=str(tmp_path), loss_type="rdpo", tau_mode=mode, **fields)
+    inputs = {"score_chosen": SCORE_W.float(), "score_rejected": SCORE_L.float()}
+    extras = PreferenceTrainer._pair_extras(SimpleNamespace(args=config), inputs)
+    want = tau_from_scores(SCORE_W.float(), SCORE_L.float(), mode, temperature=config.score_temperature,
+                           score_range=config.score_range)
+    torch.testing.assert_close(extras["tau"], want)
+    if mode != "bt":
+        assert not torch.allclose(extras["tau"], tau_from_scores(SCORE_W.float(), SCORE_L.float(), "bt"))
