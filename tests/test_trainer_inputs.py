@@ -247,3 +247,30 @@ def test_every_pair_too_long_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no pairs left.*max_length=16.*truncation_mode='keep_start'"):
         PreferenceTrainer(tiny_model(), args=config(tmp_path, max_length=16, truncation_mode="keep_start"),
                           train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+
+
+def test_identical_pairs_dropped_and_empty_responses_warned(tmp_path):
+    """chosen == rejected: dropped with one warning naming count and rows (kept with keep_identical_pairs); an
+    empty chosen: kept, one warning; all pairs identical: the 'no pairs left' error."""
+    rows = [{"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[2]["chosen"] = ""
+    with pytest.warns(UserWarning) as record:
+        trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(rows),
+                                    processing_class=TOKENIZER)
+    messages = [str(w.message) for w in record]
+    assert [m for m in messages if "chosen == rejected" in m] == [
+        "train: dropped 2 of 6 pairs with chosen == rejected (rows 1, 4): they carry no preference signal "
+        "(keep_identical_pairs=True keeps them)"]
+    assert len([m for m in messages if "empty chosen response (rows 2)" in m]) == 1
+    assert trainer.train_dataset["example_index"] == list(range(4))
+    assert len(trainer.train_dataset) == 4
+    with pytest.warns(UserWarning, match=r"2 of 6 pairs have chosen == rejected \(rows 1, 4\); kept"):
+        kept = PreferenceTrainer(tiny_model(), args=config(tmp_path, keep_identical_pairs=True),
+                                 train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+    assert len(kept.train_dataset) == 6
+    same = [{"prompt": "q", "chosen": "a", "rejected": "a"} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"no pairs left: all 3 train pairs have chosen == rejected"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(same),
+                          processing_class=TOKENIZER)

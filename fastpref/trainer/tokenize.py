@@ -4,7 +4,11 @@ token ids, the per-pair columns kept, and an ``example_index`` column added (the
 
 Rows that cannot be trained on after truncation (a prompt that fills ``max_length`` under ``keep_start``
 leaves an empty response) are dropped, as TRL drops them, with one warning that counts them and quotes the
-first reason; any other tokenization error is raised.
+first reason; any other tokenization error is raised. Pairs whose chosen and rejected tokens are identical carry
+no preference signal (every DPO-family loss sees a zero margin) and are dropped with one warning unless
+``args.keep_identical_pairs``. Empty responses (nothing but the eos token) are kept, as TRL keeps them (an empty
+rejected answer can be meant), with one warning that counts them. Each warning names a few row indices; when
+no pair is left the error says why.
 """
 
 from __future__ import annotations
@@ -59,6 +63,40 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
                           stacklevel=3)
             dataset = dataset.filter(lambda error: not error, input_columns=[_ERROR_COLUMN])
         dataset = dataset.remove_columns(_ERROR_COLUMN)
+    dataset = _check_pairs(dataset, tokenizer.eos_token_id, args.keep_identical_pairs, name)
     if INDEX_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
     return dataset
+
+
+def _check_pairs(dataset, eos_token_id: int | None, keep_identical: bool, name: str):
+    """``dataset`` (tokenized) with a warning for empty responses and identical pairs (dropped unless
+    ``keep_identical``); a ValueError when dropping leaves no pair."""
+    chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
+    identical = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c == r]
+    empty = {"chosen": [i for i, ids in enumerate(chosen) if list(ids) in ([], [eos_token_id])],
+             "rejected": [i for i, ids in enumerate(rejected) if list(ids) in ([], [eos_token_id])]}
+    for side, rows in empty.items():
+        if rows:
+            warnings.warn(f"{name}: {len(rows)} of {len(dataset)} pairs have an empty {side} response (rows "
+                          f"{_few(rows)}); they are trained on as an eos-only response", stacklevel=4)
+    if not identical:
+        return dataset
+    if keep_identical:
+        warnings.warn(f"{name}: {len(identical)} of {len(dataset)} pairs have chosen == rejected (rows "
+                      f"{_few(identical)}); kept (keep_identical_pairs=True), they carry no preference signal",
+                      stacklevel=4)
+        return dataset
+    if len(identical) == len(dataset):
+        raise ValueError(f"no pairs left: all {len(dataset)} {name} pairs have chosen == rejected, which carries no "
+                         f"preference signal; fix the data, or set keep_identical_pairs=True to train on them")
+    warnings.warn(f"{name}: dropped {len(identical)} of {len(dataset)} pairs with chosen == rejected (rows "
+                  f"{_few(identical)}): they carry no preference signal (keep_identical_pairs=True keeps them)",
+                  stacklevel=4)
+    dropped = set(identical)
+    return dataset.select([i for i in range(len(dataset)) if i not in dropped])
+
+
+def _few(rows: list[int], shown: int = 5) -> str:
+    """The first ``shown`` of ``rows`` as text, with an ellipsis when there are more."""
+    return ", ".join(map(str, rows[:shown])) + (", …" if len(rows) > shown else "")
