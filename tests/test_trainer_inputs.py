@@ -5,6 +5,7 @@ checkpoints skipped on resume."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -73,7 +74,7 @@ class _ScaledWeights:
         return batch
 
 
-def test_custom_collator_token_weights_key_the_reference_cache(tmp_path):
+def test_custom_collator_token_weights_key_the_reference_cache(tmp_path, caplog):
     """A second run whose collator supplies other token weights recomputes the reference log-probs (the cache is
     keyed by the weights used), and gets that collator's values; the same weights hit the cache."""
     rows = demo_rows("train", 8)
@@ -85,8 +86,9 @@ def test_custom_collator_token_weights_key_the_reference_cache(tmp_path):
 
     first, again = run(1.0, "shared"), run(1.0, "shared")
     assert (first.reference_passes, again.reference_passes) == (1, 0)
-    with pytest.warns(RuntimeWarning, match="changed parts: token_weights"):
+    with caplog.at_level(logging.INFO, logger="fastpref"):
         second = run(0.5, "shared")
+    assert "changed parts: token_weights" in caplog.text
     assert second.reference_passes == 1
     fresh = run(0.5, "fresh")
     torch.testing.assert_close(torch.tensor(second.train_dataset["ref_chosen_logps"]),

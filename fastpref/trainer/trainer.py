@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 
 import torch
 from transformers import DynamicCache, Trainer, set_seed
@@ -367,6 +368,8 @@ def _checked_args(args: PreferenceConfig | None) -> PreferenceConfig:
     for name in args.loss_type:
         if name not in LOSS_DEFINITIONS:
             raise ValueError(f"unknown loss_type {name!r}; expected one of {', '.join(LOSS_DEFINITIONS)}")
+    if args.dataloader_pin_memory and args.device.type == "cpu":
+        args.dataloader_pin_memory = False  # nothing to pin for: torch warns on every DataLoader
     return args
 
 
@@ -377,7 +380,10 @@ def _policy_model(model, tokenizer, args: PreferenceConfig, peft_config):
     if peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing fastpref passes
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = get_peft_model(model, peft_config)
     if args.disable_dropout:
         disable_dropout(model)
     return model
