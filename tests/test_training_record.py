@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import warnings
 
 import pytest
@@ -90,3 +91,17 @@ def test_no_pin_memory_on_a_cpu_only_machine(tmp_path):
         trainer.train()
     assert trainer.args.dataloader_pin_memory is False
     assert _own_warnings(record) == []
+
+
+def test_without_matplotlib_the_state_is_written_and_the_png_skipped_in_one_line(tmp_path, monkeypatch, caplog):
+    from transformers import TrainerState
+
+    from fastpref.trainer.curves import write_training_record
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    state = TrainerState(log_history=[{"loss": 0.69, "step": 1}, {"eval_loss": 0.6, "step": 1}])
+    with caplog.at_level(logging.INFO, logger="fastpref"):
+        write_training_record(state, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"] == state.log_history
+    assert not (tmp_path / "out" / "training_curves.png").exists()
+    assert caplog.text.count("matplotlib is not installed, training_curves.png skipped") == 1
