@@ -272,6 +272,10 @@ def test_identical_pairs_dropped_and_empty_responses_warned(tmp_path):
         kept = PreferenceTrainer(tiny_model(), args=config(tmp_path, keep_identical_pairs=True),
                                  train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
     assert len(kept.train_dataset) == 6
+    long_first = [{"prompt": "a long question " * 40, "chosen": "yes", "rejected": "no"}, *rows]
+    with pytest.warns(UserWarning, match=r"dropped 2 of 6 pairs with chosen == rejected \(rows 2, 5\)"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path, max_length=64), train_dataset=Dataset.from_list(
+            long_first), processing_class=TOKENIZER)  # rows counted as given, the too-long row 0 included
     same = [{"prompt": "q", "chosen": "a", "rejected": "a"} for _ in range(3)]
     with pytest.raises(ValueError, match=r"no pairs left: all 3 train pairs have chosen == rejected"):
         PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(same),
