@@ -84,6 +84,9 @@ class PreferenceConfig(TrainingArguments):
     truncation_mode: str = field(
         default=TRUNCATION_MODES[0], metadata={"help": "Truncation when a sequence exceeds max_length.",
                                          "choices": list(TRUNCATION_MODES)})
+    keep_identical_pairs: bool = field(
+        default=False, metadata={"help": "Train on pairs whose chosen and rejected tokens are identical (dropped "
+                                         "by default with a warning: they carry no preference signal)."})
     stream_layout: str = field(
         default="auto", metadata={"help": "How a micro-batch reaches the model: 'padded', 'packed' (position_ids), "
                                           "'tree' (each pair as [x, y_w, y_l], prompt once, 4D mask) or 'auto' "
