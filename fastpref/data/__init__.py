@@ -1,5 +1,6 @@
 """Preference data: loading (TRL formats), tokenization, the bundled synthetic set, and the data side of the
-seed papers — reward-augmented relabeling (arXiv 2410.08067) and self-critique pairs (rDPO, arXiv 2402.08005).
+seed papers — reward-augmented relabeling (arXiv 2410.08067) and self-critique pairs (rDPO, arXiv 2402.08005), and Curry-DPO's easy → hard pairs from ranked responses
+(arXiv 2403.07230).
 """
 
 from __future__ import annotations
@@ -7,11 +8,12 @@ from __future__ import annotations
 from fastpref.data.augment import reward_augment, reward_conditioned_prompt
 from fastpref.data.critique import parse_score, self_critique_pairs
 from fastpref.data.loading import extract_prompt, is_conversational, load_preference_dataset
+from fastpref.data.ranked import PAIR_STRATEGIES, pairs_from_ranked
 from fastpref.data.prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE, REWARD_AUGMENT_TEMPLATE, SR_DPO_REFINEMENT_PROMPT
 from fastpref.data.tokenization import TRUNCATION_MODES, tokenize_pair
 
 __all__ = [
     "CRITIQUE_TEMPLATE", "REVISE_TEMPLATE", "REWARD_AUGMENT_TEMPLATE", "SR_DPO_REFINEMENT_PROMPT",
-    "TRUNCATION_MODES", "extract_prompt", "is_conversational", "load_preference_dataset", "parse_score",
+    "PAIR_STRATEGIES", "TRUNCATION_MODES", "extract_prompt", "is_conversational", "load_preference_dataset", "pairs_from_ranked", "parse_score",
     "reward_augment", "reward_conditioned_prompt", "self_critique_pairs", "tokenize_pair",
 ]
