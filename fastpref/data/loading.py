@@ -154,6 +154,12 @@ def _rows_dataset(path: Path):
     rows, places = _read_rows(path)
     if not rows:
         raise PreferenceDataError(f"{path}: no rows")
+    if "completions" in rows[0]:  # ranked rows (prompt, completions, scores): the listwise format
+        from fastpref.data.ranked import check_ranked_row
+
+        for index, (row, where) in enumerate(zip(rows, places)):
+            _located(lambda r: check_ranked_row(index, r), row, where)
+        return datasets.Dataset.from_list(rows)
     check_rows(rows, places)
     if "prompt" not in rows[0]:
         rows = [_located(extract_prompt, row, where) for row, where in zip(rows, places)]
@@ -210,7 +216,8 @@ def load_preference_dataset(path_or_name: str | os.PathLike, *, split: str | Non
     ``path_or_name``: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory written by
     ``Dataset.save_to_disk`` (or a ``DatasetDict``'s, then ``split`` picks the part), or ``"demo"`` — the
     bundled synthetic set, whose ``split`` is ``"train"`` (its first ``DEMO_TRAIN_SIZE`` rows), ``"test"``
-    (the rest, held out) or None (all rows).
+    (the rest, held out) or None (all rows). A JSONL / JSON file of ranked rows (``prompt``, ``completions``,
+    ``scores``: the listwise format, :mod:`fastpref.trainer.listwise`) loads as is, each row checked.
     """
     import datasets
 

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 PAIR_STRATEGIES = ("best_vs_rest", "all_pairs")
 
 
-def _checked_row(index: int, row) -> tuple[object, list, list[float]]:
+def check_ranked_row(index: int, row) -> tuple[object, list, list[float]]:
+    """(prompt, completions, scores) of ranked row ``index``; ValueError naming the row when malformed."""
     if not isinstance(row, Mapping) or any(key not in row for key in ("prompt", "completions", "scores")):
         raise ValueError(f"rows[{index}] must be a mapping with 'prompt', 'completions' and 'scores'")
     completions, scores = list(row["completions"]), list(row["scores"])
@@ -49,7 +50,7 @@ def pairs_from_ranked(rows: Iterable[Mapping], strategy: str = "best_vs_rest") -
         raise ValueError(f"unknown strategy {strategy!r}; valid strategies are: {', '.join(PAIR_STRATEGIES)}")
     pairs = []
     for index, row in enumerate(rows):
-        prompt, completions, scores = _checked_row(index, row)
+        prompt, completions, scores = check_ranked_row(index, row)
         for winner, loser in _row_pairs(scores, strategy):
             pairs.append({"prompt": prompt, "chosen": completions[winner], "rejected": completions[loser],
                           "score_chosen": scores[winner], "score_rejected": scores[loser]})

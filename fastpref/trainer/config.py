@@ -39,6 +39,7 @@ from transformers import TrainingArguments
 
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
 from fastpref.data.tokenization import TRUNCATION_MODES
+from fastpref.losses.listwise import LISTWISE_LOSS_TYPES
 from fastpref.losses.scores import TAU_MODES, check_score_range
 from fastpref.losses.table import REFINED_LOSS_TYPES, REFINEMENTS
 from fastpref.trainer.collator import STREAM_LAYOUTS as COLLATED_LAYOUTS
@@ -56,7 +57,8 @@ class PreferenceConfig(TrainingArguments):
     ``dataset_num_proc``.
     Reference: ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``ref_cache_dir``,
     ``ref_cache_on_mismatch``.
-    Loss: ``loss_type`` (a name or a list; every type of :func:`fastpref.preference_loss`), ``loss_weights``,
+    Loss: ``loss_type`` (a name or a list; every type of :func:`fastpref.preference_loss`, or alone one listwise
+    type of :func:`fastpref.listwise_loss`, ``plackett_luce`` / ``lambda_rank``, on ranked data), ``loss_weights``,
     ``beta``, ``label_smoothing``, ``ld_alpha`` (LD-DPO token weights), ``use_weighting`` (WPO pair weights),
     ``discopop_tau``, ``f_divergence_type``/``f_alpha_divergence_coef``, ``simpo_gamma``,
     ``refine_lambda``/``refinement``/``refinement_prompt`` (Sr-DPO/Sr-IPO),
@@ -195,7 +197,27 @@ class PreferenceConfig(TrainingArguments):
                              f"got {self.ref_cache_on_mismatch!r}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
+        self._check_listwise()
         super().__post_init__()
+
+    def _check_listwise(self) -> None:
+        """A listwise type (K ranked responses, :func:`fastpref.listwise_loss`) is the only type of its run."""
+        if not self.is_listwise:
+            return
+        if len(self.loss_type) != 1:
+            raise ValueError(f"loss_type {self.loss_type}: a listwise type ({', '.join(LISTWISE_LOSS_TYPES)}) "
+                             "cannot be combined with other loss types")
+        if self.stream_layout not in ("auto", "padded") or self.padding_free:
+            raise ValueError(f"listwise loss types use the padded layout; got stream_layout={self.stream_layout!r}"
+                             f", padding_free={self.padding_free}")
+        for name, value, unset in (("ld_alpha", self.ld_alpha, None), ("use_weighting", self.use_weighting, False)):
+            if value != unset:
+                raise ValueError(f"{name}={value!r} is not supported with listwise loss type {self.loss_type[0]!r}")
+
+    @property
+    def is_listwise(self) -> bool:
+        """True when ``loss_type`` is a listwise type (the dataset then holds prompt, completions, scores)."""
+        return any(name in LISTWISE_LOSS_TYPES for name in self.loss_type)
 
     def _map_legacy_names(self) -> None:
         if self.rpo_alpha is not None:

@@ -30,7 +30,8 @@ from fastpref.trainer.ref_store import (RefLogpsStore, dataset_fingerprint, fing
 CACHE_FORMAT = "fastpref-ref-logps-v1"
 # The token columns that determine each stream's sequences.
 STREAM_TOKEN_COLUMNS = {"": ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
-                        "aug_": ("aug_prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
+                        "aug_": ("aug_prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
+                        "listwise": ("prompt_input_ids", "completions_input_ids")}
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,16 @@ def cache_fingerprint(reference_fp: str, dataset, stream: str, token_weights: st
 
 def compute_reference_logps(dataset, collator, batch_size: int, accelerator,
                             stream_logps: Callable[[dict, str], torch.Tensor], streams: tuple[str, ...],
-                            desc: str) -> dict[str, torch.Tensor]:
+                            desc: str, columns: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """One no-grad pass over ``dataset``: ``{column: float32 [N]}`` in dataset order for :func:`ref_columns`.
 
     ``stream_logps(batch, prefix)`` returns the reference's [2B] log-probs (chosen first) of a device batch.
+    With ``columns`` (one name, listwise data) it returns [B, K_max] per batch, stored as one [N, K] column
+    (K the dataset's largest; 0 past a row's own K).
     """
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False))
+    if columns is not None:
+        return _listwise_reference(loader, stream_logps, columns[0], len(dataset), desc, accelerator)
     columns = ref_columns(streams)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in ("example_index", *columns)}
     disable = not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
@@ -101,6 +106,21 @@ def compute_reference_logps(dataset, collator, batch_size: int, accelerator,
         column[order] = torch.cat(parts)
         results[name] = column
     return results
+
+
+def _listwise_reference(loader, stream_logps, column: str, size: int, desc: str, accelerator):
+    orders, values = [], []
+    disable = not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, disable=disable):
+            logps = stream_logps(batch, "").float()
+            orders.append(batch["example_index"].cpu())
+            values.append(logps.cpu())
+    width = max(v.shape[1] for v in values)
+    out = torch.zeros(size, width, dtype=torch.float32)
+    for order, value in zip(orders, values, strict=True):
+        out[order.long(), :value.shape[1]] = value
+    return {column: out}
 
 
 def load_or_compute(store: RefLogpsStore, fp: str, parts: dict[str, str], name: str,

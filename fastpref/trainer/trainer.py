@@ -21,7 +21,8 @@ import torch
 from transformers import DynamicCache, Trainer, set_seed
 
 from fastpref.logps.inputs import skip_value_checks
-from fastpref.losses import odpo_offset, preference_loss, tau_from_scores
+from fastpref.losses import listwise_loss, odpo_offset, preference_loss, tau_from_scores
+from fastpref.losses.listwise import LISTWISE_LOSS_TYPES
 from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
@@ -31,6 +32,8 @@ from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_b
 from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
+from fastpref.trainer.listwise import (LISTWISE_BATCH_COLUMNS, LISTWISE_REF_COLUMN, ListwiseCollator, is_listwise,
+                                       scatter_rows, tokenize_listwise_dataset)
 from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
 from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
                                      reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
@@ -74,14 +77,19 @@ class PreferenceTrainer(Trainer):
         self._policy_adapter = None  # the trained adapter of a policy that came with its own (see models.py)
         if peft_config is None and ref_model is None and is_peft_model(model):
             self._policy_adapter = add_reference_adapter(model)
-        self._needs_reference = any(not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
+        self._needs_reference = args.is_listwise or any(
+            not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
         self.ref_model = self._reference_model(model, ref_model, tokenizer, args)
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
+        if args.is_listwise:
+            args.stream_layout = "padded"
         args.stream_layout = self.stream_layout = resolve_stream_layout(model, args)
         args.padding_free = self.stream_layout != "padded"
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train")
         eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval")
         self._aug_prefix = refinement_prefix(model, tokenizer, args, train_dataset, eval_dataset)
+        if data_collator is None and args.is_listwise:
+            data_collator = ListwiseCollator(tokenizer.pad_token_id)
         if data_collator is None:
             data_collator = StepCollator(tokenizer.pad_token_id, with_augmented=args.uses_augmented_stream,
                                          layout=self.stream_layout, ld_alpha=args.ld_alpha,
@@ -120,12 +128,18 @@ class PreferenceTrainer(Trainer):
         if dataset is None:
             return None
         if isinstance(dataset, dict):
-            return {key: tokenize_dataset(d, tokenizer, args, f"{name} {key}") for key, d in dataset.items()}
+            return {key: PreferenceTrainer._tokenize(d, tokenizer, args, f"{name} {key}") for key, d in dataset.items()}
+        if is_listwise(dataset.column_names) != args.is_listwise:
+            raise ValueError(f"the {name} dataset is {'' if args.is_listwise else 'not '}pairwise but loss_type is "
+                             f"{args.loss_type}: ranked data (prompt, completions, scores) needs a listwise type "
+                             f"({', '.join(LISTWISE_LOSS_TYPES)}), preference pairs a pairwise one")
+        if args.is_listwise:
+            return tokenize_listwise_dataset(dataset, tokenizer, args, name)
         return tokenize_dataset(dataset, tokenizer, args, name)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(BATCH_COLUMNS)
+            self._signature_columns = list(LISTWISE_BATCH_COLUMNS if self.args.is_listwise else BATCH_COLUMNS)
 
     # ---- reference -------------------------------------------------------------------------------------------
 
@@ -210,12 +224,30 @@ class PreferenceTrainer(Trainer):
             raise ValueError(f"cannot compute reference log-probs for the {name} dataset after training started: "
                              "the reference (the initial policy) is gone; pass it at initialization or give ref_model")
         store = RefLogpsStore(self.args.ref_cache_dir, on_mismatch=self.args.ref_cache_on_mismatch)
+        if self.args.is_listwise:
+            return self._attach_listwise_reference(dataset, name, store)
         for stream in streams:
             fp, parts = cache_fingerprint(self._reference_fp, dataset, stream, self._token_weights_key(dataset, stream))
             compute = functools.partial(self._compute_reference, dataset, stream, name)
             cache_name = name.replace(" ", "_") + ("-aug" if stream else "")
             dataset = attach_columns(dataset, load_or_compute(store, fp, parts, cache_name, compute, self.accelerator))
         return dataset
+
+    def _attach_listwise_reference(self, dataset, name: str, store: RefLogpsStore):
+        if LISTWISE_REF_COLUMN in dataset.column_names:
+            return dataset
+        fp, parts = cache_fingerprint(self._reference_fp, dataset, "listwise", None)
+
+        def compute():
+            self.reference_passes += 1
+            with self._reference_context() as model:
+                return compute_reference_logps(
+                    dataset, self.data_collator, self._reference_batch_size, self.accelerator,
+                    lambda batch, prefix: scatter_rows(self._stream_logps(model, batch, "").logps,
+                                                       batch["completions_mask"]),
+                    ("",), desc=f"Reference log-probs ({name}, listwise)", columns=(LISTWISE_REF_COLUMN,))
+        cache_name = name.replace(" ", "_") + "-listwise"
+        return attach_columns(dataset, load_or_compute(store, fp, parts, cache_name, compute, self.accelerator))
 
     @property
     def _reference_batch_size(self) -> int:
@@ -302,8 +334,28 @@ class PreferenceTrainer(Trainer):
                     f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
                     refinement=args.refinement)
 
+    def _listwise_loss(self, model, inputs, mode: str):
+        """K responses per prompt: policy and reference log-probs [B, K_max] → :func:`fastpref.listwise_loss`."""
+        mask = inputs["completions_mask"]
+        policy = scatter_rows(self._stream_logps(model, inputs, "").logps, mask)
+        reference = inputs.get(LISTWISE_REF_COLUMN)
+        if reference is None:
+            with self._reference_context() as ref_model:
+                reference = scatter_rows(self._stream_logps(ref_model, inputs, "").logps, mask)
+        out = listwise_loss(policy, reference, inputs["scores"], self.args.loss_type[0], beta=self.args.beta,
+                            mask=mask)
+        weight = self.args.loss_weights[0] if self.args.loss_weights else 1.0
+        top = out.rewards.masked_fill(~mask, float("-inf")).argmax(dim=1)
+        best = inputs["scores"].masked_fill(~mask, float("-inf")).argmax(dim=1)
+        self._metrics[mode].update({"rewards/mean": out.rewards[mask].float(),
+                                    "rewards/top1_accuracies": (top == best).float()})
+        return weight * out.loss, out
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: PreferenceConfig = self.args
+        if args.is_listwise:
+            loss, out = self._listwise_loss(model, inputs, "train" if model.training else "eval")
+            return (loss, out) if return_outputs else loss
         mode = "train" if model.training else "eval"
         policy = self._stream_logps(model, inputs, "", wpo_weights=args.use_weighting)
         pairs = policy.logps.numel() // 2
@@ -372,7 +424,7 @@ def _checked_args(args: PreferenceConfig | None) -> PreferenceConfig:
     if not isinstance(args, PreferenceConfig):
         raise TypeError(f"args must be a fastpref.PreferenceConfig, got {type(args).__name__}")
     for name in args.loss_type:
-        if name not in LOSS_DEFINITIONS:
+        if name not in LOSS_DEFINITIONS and name not in LISTWISE_LOSS_TYPES:
             raise ValueError(f"unknown loss_type {name!r}; expected one of {', '.join(LOSS_DEFINITIONS)}")
     if args.dataloader_pin_memory and args.device.type == "cpu":
         args.dataloader_pin_memory = False  # nothing to pin for: torch warns on every DataLoader

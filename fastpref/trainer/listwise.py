@@ -1,0 +1,113 @@
+"""The trainer's listwise path: K ranked responses per prompt (TPO, LiPO; :func:`fastpref.listwise_loss`).
+
+Format: ``prompt``, ``completions`` (K responses, strings or message lists, K ≥ 2, K may vary by row), ``scores``
+(K floats, higher is better). Tokenization runs :func:`fastpref.data.tokenize_pair` on (prompt, y_k) for each k
+(same truncation as pairs) into ``prompt_input_ids`` and ``completions_input_ids`` (K token lists); every y_k
+must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows (the
+padded layout only) and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
+cached, ``ref_completions_logps`` [B, K_max]. The reference log-probs are cached like the pairs' under a
+fingerprint of the reference, the prompt and completion token ids and the format (stream ``"listwise"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastpref.data import tokenize_pair
+from fastpref.logps.inputs import IGNORE_INDEX
+from fastpref.model.head import kept_rows
+
+LISTWISE_TEXT_COLUMNS = ("prompt", "completions", "scores")
+LISTWISE_TOKEN_COLUMN = "completions_input_ids"
+LISTWISE_REF_COLUMN = "ref_completions_logps"
+LISTWISE_BATCH_COLUMNS = ("prompt_input_ids", LISTWISE_TOKEN_COLUMN, "scores", LISTWISE_REF_COLUMN,
+                          "completions_mask", "example_index")
+
+
+def is_listwise(column_names) -> bool:
+    return column_names is not None and ("completions" in column_names or LISTWISE_TOKEN_COLUMN in column_names)
+
+
+def tokenize_ranked_row(example: dict, tokenizer, args, row: int) -> dict:
+    """(prompt, completions, scores) → prompt_input_ids, completions_input_ids, scores; ValueError naming the row."""
+    completions, scores = list(example["completions"]), list(example["scores"])
+    if len(completions) < 2 or len(completions) != len(scores):
+        raise ValueError(f"listwise row {row}: needs K >= 2 completions and one score each, got "
+                         f"{len(completions)} completions and {len(scores)} scores")
+    if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+        raise ValueError(f"listwise row {row}: scores must be finite numbers, got {scores}")
+    prompt, ids = None, []
+    for completion in completions:
+        out = tokenize_pair({"prompt": example["prompt"], "chosen": completion, "rejected": completion}, tokenizer,
+                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                            truncation_mode=args.truncation_mode)
+        if prompt is not None and out["prompt_input_ids"] != prompt:
+            raise ValueError(f"listwise row {row}: the completions leave different prompt tokens (a completion "
+                             "merges with the prompt's last token); start each completion on a token boundary")
+        prompt = out["prompt_input_ids"]
+        ids.append(out["chosen_input_ids"])
+    return {"prompt_input_ids": prompt, LISTWISE_TOKEN_COLUMN: ids, "scores": [float(s) for s in scores]}
+
+
+def tokenize_listwise_dataset(dataset, tokenizer, args, name: str):
+    """A ranked dataset → token columns and ``example_index``; tokenized datasets pass through."""
+    unknown = [c for c in dataset.column_names if c not in (*LISTWISE_TEXT_COLUMNS, *LISTWISE_BATCH_COLUMNS)]
+    if unknown:
+        from fastpref.trainer.columns import UnknownColumnError
+
+        raise UnknownColumnError(f"the {name} dataset is listwise and has columns the trainer does not read: "
+                                 f"{unknown}. Listwise columns: {', '.join(LISTWISE_TEXT_COLUMNS)}")
+    if "completions" in dataset.column_names:
+        dataset = dataset.map(lambda example, row: tokenize_ranked_row(example, tokenizer, args, row),
+                              with_indices=True, remove_columns=["prompt", "completions"],
+                              num_proc=args.dataset_num_proc, desc="Tokenizing ranked rows")
+    if "example_index" not in dataset.column_names:
+        dataset = dataset.add_column("example_index", list(range(len(dataset))))
+    return dataset
+
+
+class ListwiseCollator:
+    """Ranked rows → padded [Σ K_b, T] rows (prompt ⊕ y_k, row b's K_b responses in order) plus [B, K_max] columns."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        sequences = [(list(f["prompt_input_ids"]), list(y)) for f in features for y in f[LISTWISE_TOKEN_COLUMN]]
+        width = max(len(p) + len(y) for p, y in sequences)
+        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (prompt, response) in enumerate(sequences):
+            ids[row, :len(prompt) + len(response)] = torch.tensor(prompt + response)
+            labels[row, len(prompt):len(prompt) + len(response)] = torch.tensor(response)
+        # Labels of position t are the token t + 1 (the model predicts the next token): shift like kept_rows expects.
+        shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        rows = kept_rows(shifted)
+        counts = [len(f[LISTWISE_TOKEN_COLUMN]) for f in features]
+        mask = torch.arange(max(counts)).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+        lengths = torch.tensor([len(p) + len(y) for p, y in sequences])
+        batch = {"input_ids": ids, "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
+                 "kept_index": rows.index, "kept_labels": rows.labels, "kept_cu_seqlens": rows.cu_seqlens,
+                 "completions_mask": mask, "scores": _ragged(features, "scores", mask),
+                 "example_index": torch.tensor([f["example_index"] for f in features], dtype=torch.long)}
+        if LISTWISE_REF_COLUMN in features[0]:
+            batch[LISTWISE_REF_COLUMN] = _ragged(features, LISTWISE_REF_COLUMN, mask)
+        return batch
+
+
+def _ragged(features: list[dict], key: str, mask: torch.Tensor) -> torch.Tensor:
+    """[B, K_max] float32 of a per-response column (0 where ``mask`` is False)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for row, feature in enumerate(features):
+        values = list(feature[key])[: int(mask[row].sum())]
+        out[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
+
+
+def scatter_rows(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence [Σ K_b] values → [B, K_max] (0 where ``mask`` is False), differentiable."""
+    out = logps.new_zeros(mask.shape)
+    return out.masked_scatter(mask.to(logps.device), logps)
