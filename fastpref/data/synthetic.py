@@ -84,6 +84,24 @@ def generate(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def generate_ranked(n: int, k: int, seed: int) -> list[dict]:
+    """Return ``n`` ranked rows (prompt, completions, scores) of ``k`` responses each, deterministic in ``seed``: each
+    response gets each part right with probability 0.5 and is scored as above (equal scores can occur)."""
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an int >= 2, got {k!r}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word, a, b = rng.choice(WORDS), rng.randrange(10), rng.randrange(10)
+        prompt = rng.choice(PROMPT_TEMPLATES).format(word=word, a=a, b=b)
+        parts = [{part: rng.random() < 0.5 for part in PART_WEIGHTS} for _ in range(k)]
+        rows.append({"prompt": prompt, "completions": [_response(rng, word, a, b, right) for right in parts],
+                     "scores": [_score(right) for right in parts]})
+    return rows
+
+
 def demo_rows() -> list[dict]:
     """The rows of the bundled demo file, as the generator produces them."""
     return generate(DEMO_SIZE, DEMO_SEED)

@@ -5,7 +5,8 @@ Keys: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/a
 ``logps/rejected`` (TRL's meaning: per-pair means; rewards are β·(policy − reference)), and for Sr-DPO/Sr-IPO
 ``refine/delta_mean`` (mean Δ), ``refine/delta_accuracies`` (fraction of pairs with Δ > 0: the refinement
 prompt's implicit reward ranks the chosen response first) and ``refine/logit_shift`` (mean λ·Δ, what the
-refinement subtracts from the DPO logit).
+refinement subtracts from the DPO logit). Listwise runs log ``rewards/mean``, ``rewards/top1_accuracies`` and
+``rewards/pair_accuracies`` (:func:`listwise_metrics`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def pair_metrics(loss_out, chosen_logps: torch.Tensor, rejected_logps: torch.Ten
         values["refine/delta_accuracies"] = (delta > 0).float()
         values["refine/logit_shift"] = refine_lambda * delta
     return values
+
+
+def listwise_metrics(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Listwise metric values: ``rewards/mean`` (per response), ``rewards/top1_accuracies`` (per row: the highest
+    reward is on a best-scored response) and ``rewards/pair_accuracies`` (per ordered pair s_i > s_j: r_i > r_j)."""
+    rewards = rewards.detach().float()
+    top = rewards.masked_fill(~mask, float("-inf")).argmax(dim=1, keepdim=True)
+    best = scores.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
+    ordered = (scores.unsqueeze(2) > scores.unsqueeze(1)) & mask.unsqueeze(2) & mask.unsqueeze(1)
+    right = rewards.unsqueeze(2) > rewards.unsqueeze(1)
+    return {"rewards/mean": rewards[mask], "rewards/top1_accuracies": (scores.gather(1, top) == best).float().squeeze(1),
+            "rewards/pair_accuracies": right[ordered].float()}
 
 
 class MetricAccumulator:

@@ -34,7 +34,7 @@ from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
 from fastpref.trainer.listwise import (LISTWISE_BATCH_COLUMNS, LISTWISE_REF_COLUMN, ListwiseCollator, is_listwise,
                                        scatter_rows, tokenize_listwise_dataset)
-from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
+from fastpref.trainer.metrics import MetricAccumulator, listwise_metrics, pair_metrics
 from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
                                      reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
                                      resolve_tokenizer)
@@ -345,10 +345,7 @@ class PreferenceTrainer(Trainer):
         out = listwise_loss(policy, reference, inputs["scores"], self.args.loss_type[0], beta=self.args.beta,
                             mask=mask)
         weight = self.args.loss_weights[0] if self.args.loss_weights else 1.0
-        top = out.rewards.masked_fill(~mask, float("-inf")).argmax(dim=1)
-        best = inputs["scores"].masked_fill(~mask, float("-inf")).argmax(dim=1)
-        self._metrics[mode].update({"rewards/mean": out.rewards[mask].float(),
-                                    "rewards/top1_accuracies": (top == best).float()})
+        self._metrics[mode].update(listwise_metrics(out.rewards, inputs["scores"], mask))
         return weight * out.loss, out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
