@@ -2,11 +2,15 @@
 
 Format: ``prompt``, ``completions`` (K responses, strings or message lists, K ≥ 2, K may vary by row), ``scores``
 (K floats, higher is better). Tokenization runs :func:`fastpref.data.tokenize_pair` on (prompt, y_k) for each k
-(same truncation as pairs) into ``prompt_input_ids`` and ``completions_input_ids`` (K token lists); every y_k
+(the pairs' truncation) into ``prompt_input_ids`` and ``completions_input_ids`` (K token lists); every y_k
 must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows (the
 padded layout only) and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
 cached, ``ref_completions_logps`` [B, K_max]. The reference log-probs are cached like the pairs' under a
 fingerprint of the reference, the prompt and completion token ids and the format (stream ``"listwise"``).
+
+Limits: a row that does not fit ``max_length`` after truncation raises (pairs are dropped with a warning); the
+packed and tree layouts, token weights (``ld_alpha``) and WPO weighting are refused by
+:class:`fastpref.PreferenceConfig`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def compute_reference_logps(dataset, collator, batch_size: int, accelerator,
     """
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False))
     if columns is not None:
-        return _listwise_reference(loader, stream_logps, columns[0], len(dataset), desc, accelerator)
+        width = max(len(ids) for ids in dataset["completions_input_ids"])
+        return _listwise_reference(loader, stream_logps, columns[0], width, len(dataset), desc, accelerator)
     columns = ref_columns(streams)
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in ("example_index", *columns)}
     disable = not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
@@ -108,18 +109,20 @@ def compute_reference_logps(dataset, collator, batch_size: int, accelerator,
     return results
 
 
-def _listwise_reference(loader, stream_logps, column: str, size: int, desc: str, accelerator):
+def _listwise_reference(loader, stream_logps, column: str, width: int, size: int, desc: str, accelerator):
+    """The listwise pass: each batch's [B, K_b] padded to ``width`` (the dataset's largest K) so that the
+    processes' results gather as the pairs' do."""
     orders, values = [], []
     disable = not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE"))
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, disable=disable):
             logps = stream_logps(batch, "").float()
-            orders.append(batch["example_index"].cpu())
-            values.append(logps.cpu())
-    width = max(v.shape[1] for v in values)
+            padded = torch.nn.functional.pad(logps, (0, width - logps.shape[1]))
+            gathered = accelerator.gather_for_metrics({"example_index": batch["example_index"], column: padded})
+            orders.append(gathered["example_index"].cpu())
+            values.append(gathered[column].cpu())
     out = torch.zeros(size, width, dtype=torch.float32)
-    for order, value in zip(orders, values, strict=True):
-        out[order.long(), :value.shape[1]] = value
+    out[torch.cat(orders).long()] = torch.cat(values)
     return {column: out}
 
 
