@@ -9,8 +9,8 @@ from fastpref.model.tree_logps import tree_logps
 from fastpref.model.attention import (EagerBooleanMaskError, FlashAttentionTreeError, PackedCacheError,
                                       SlidingWindowTreeError, TreeWithoutMaskError, check_attention_inputs,
                                       positions_are_packed, positions_are_tree)
-from fastpref.model.tree_stream import (CHOSEN, PROMPT, REJECTED, attention_mask_for, build_tree_batch,
-                                        tree_additive_mask, tree_attention_mask, tree_block_mask)
+from fastpref.model.tree_stream import (CHOSEN, PROMPT, REJECTED, attention_mask_for, build_branch_tree,
+                                        build_tree_batch, tree_additive_mask, tree_attention_mask, tree_block_mask)
 from tree_oracle import assert_grads_close, parameter_grads, random_ids, separate_logps, tiny_model
 
 BACKEND = "torch"  # the log-prob kernels have their own tests; here the model plumbing is under test
@@ -273,3 +273,47 @@ def test_cuda_tree_and_cached_prefix_match_separate_sequences(attn):
         aug_slow = torch.cat([separate(aug_prompts, chosen), separate(aug_prompts, rejected)])
     torch.testing.assert_close(torch.cat([aug.chosen_logps, aug.rejected_logps]).double(), aug_slow,
                                rtol=1e-5, atol=1e-4)
+
+
+# ---- K branches per prompt (listwise data) ---------------------------------------------------------------------
+
+def test_branch_tree_with_two_branches_has_the_pair_layout():
+    g = torch.Generator().manual_seed(3)
+    prompts, chosen, rejected = random_ids(g, [3, 5]), random_ids(g, [2, 4]), random_ids(g, [5, 1])
+    pair = build_tree_batch(prompts, chosen, rejected)
+    branches = build_branch_tree(prompts, [[c, r] for c, r in zip(chosen, rejected)])
+    for name in ("input_ids", "position_ids", "pair_ids", "role_ids"):
+        assert torch.equal(getattr(pair, name), getattr(branches, name)), name
+    assert torch.equal(tree_attention_mask(pair), tree_attention_mask(branches))
+
+
+def test_branch_tree_logps_and_grads_equal_separate_sequences():
+    from fastpref.model.head import KeptRows, stream_logps
+    from fastpref.model.tree_logps import tree_forward_inputs
+
+    model = tiny_model("tiny-llama")
+    g = torch.Generator().manual_seed(11)
+    prompts = random_ids(g, [4, 1, 6])
+    branch_ids = [random_ids(g, [3, 1, 5]), random_ids(g, [2]), random_ids(g, [4, 2, 1, 3])]
+    tree = build_branch_tree(prompts, branch_ids)
+    # No response row may see a sibling: the brute-force rule with "same role or prompt" as the condition.
+    visible = tree_attention_mask(tree)[0, 0]
+    for q in range(tree.length):
+        for k in range(tree.length):
+            same_prompt = tree.pair_ids[q] == tree.pair_ids[k]
+            allowed = same_prompt and k <= q and (tree.role_ids[k] == PROMPT or tree.role_ids[k] == tree.role_ids[q])
+            assert bool(visible[q, k]) == bool(allowed), (q, k)
+    attention_mask, cache = tree_forward_inputs(model, tree)
+    out = stream_logps(model, tree.input_ids, KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens),
+                       position_ids=tree.position_ids, attention_mask=attention_mask, past_key_values=cache,
+                       backend=BACKEND)
+    flat_prompts = [p for p, branches in zip(prompts, branch_ids) for _ in branches]
+    flat_branches = [y for branches in branch_ids for y in branches]
+    upstream = torch.randn(len(flat_branches), generator=g, dtype=torch.float64)
+    (out.logps.double() @ upstream).backward()
+    fast_grads = parameter_grads(model)
+    slow = separate_logps(model, flat_prompts, flat_branches)
+    (slow @ upstream).backward()
+    torch.testing.assert_close(out.logps.double(), slow.detach(), rtol=1e-5, atol=1e-5)
+    assert out.counts.tolist() == [len(y) for y in flat_branches]
+    assert_grads_close(fast_grads, parameter_grads(model))

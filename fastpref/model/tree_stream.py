@@ -17,6 +17,9 @@ sequence with target y_w[0], once in the rejected one with target y_l[0]); ``lab
 is pair s's chosen response, s ≥ B pair s−B's rejected one), the collator's order. The gather is of D-sized
 hidden rows; its backward sums the two contributions of a shared row, so no transformer work is duplicated.
 
+:func:`build_branch_tree` generalises the layout to K responses per prompt ([x, y_1, …, y_K], listwise data): each
+branch sees x and itself, never a sibling.
+
 Masks: :func:`tree_attention_mask` (4D boolean, True = attend; what sdpa takes), :func:`tree_additive_mask`
 (4D float, 0 / dtype-min; what eager attention takes), :func:`tree_block_mask` (flex_attention ``BlockMask``;
 what to use on CUDA), and :func:`attention_mask_for` picks by the model's attention implementation. The errors
@@ -138,6 +141,58 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
     )
 
 
+def build_branch_tree(prompt_ids: Sequence[Sequence[int]], branch_ids: Sequence[Sequence[Sequence[int]]], *,
+                      position_offset: int = 0) -> TreeBatch:
+    """Lay out B prompts with K_b responses each as one tree: [x, y_1, …, y_K] per prompt, the prompt once.
+
+    Each branch y_k continues x's positions and sees x and itself only (role id k + 1; the pair layout is the
+    case K = 2 with CHOSEN = 1, REJECTED = 2, so the same masks apply). The scored sequences are ordered prompt by
+    prompt, branch by branch (row b's K_b responses in order, as :class:`fastpref.trainer.listwise.ListwiseCollator`
+    orders its rows); ``num_pairs`` holds B. K_b may differ between prompts.
+    """
+    num_prompts = len(prompt_ids)
+    if num_prompts == 0:
+        raise ValueError("prompt_ids is empty: a tree batch needs at least one prompt")
+    _check_token_lists("prompt_ids", prompt_ids, num_prompts)
+    if len(branch_ids) != num_prompts:
+        raise ValueError(f"branch_ids has {len(branch_ids)} entries, expected one list of responses per prompt")
+    for b, branches in enumerate(branch_ids):
+        if len(branches) == 0:
+            raise ValueError(f"branch_ids[{b}] is empty: every prompt needs at least one response")
+        _check_token_lists(f"branch_ids[{b}]", branches, len(branches))
+    if position_offset < 0:
+        raise ValueError(f"position_offset must be >= 0, got {position_offset}")
+    tokens, positions, prompts, roles, rows, labels, counts = [], [], [], [], [], [], []
+    max_position = 0
+    for b, (x, branches) in enumerate(zip(prompt_ids, branch_ids)):
+        a, last_prompt_row = len(x), len(tokens) + len(x) - 1
+        tokens += x
+        positions += range(position_offset, position_offset + a)
+        roles += [PROMPT] * a
+        for k, y in enumerate(branches):
+            start = len(tokens)
+            tokens += y
+            positions += range(position_offset + a, position_offset + a + len(y))
+            roles += [k + 1] * len(y)
+            rows += [last_prompt_row, *range(start, start + len(y) - 1)]  # y[0] from x's last row, y[j] from y[j-1]
+            labels += y
+            counts.append(len(y))
+            max_position = max(max_position, position_offset + a + len(y))
+        prompts += [b] * (len(tokens) - len(prompts))
+    return TreeBatch(
+        input_ids=torch.tensor([tokens], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        pair_ids=torch.tensor(prompts, dtype=torch.long),
+        role_ids=torch.tensor(roles, dtype=torch.long),
+        row_index=torch.tensor(rows, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        cu_seqlens=torch.nn.functional.pad(torch.tensor(counts, dtype=torch.long).cumsum(0), (1, 0)),
+        num_pairs=num_prompts,
+        position_offset=position_offset,
+        max_position=max_position,
+    )
+
+
 def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence[int] | None = None
                                 ) -> tuple[TreeBatch, TreeBatch | None]:
     """The plain tree and (with ``prefix_ids``) the augmented tree of a micro-batch of tokenized pairs.
@@ -161,13 +216,17 @@ def tree_batches_from_features(features: Sequence[dict], *, prefix_ids: Sequence
     return tree, build_tree_batch(aug_prompts, chosen, rejected, position_offset=len(prefix_ids))
 
 
+def _sees_sibling(query_roles: torch.Tensor, key_roles: torch.Tensor) -> torch.Tensor:
+    """True where a response row would see another response of its prompt (y_l → y_w; any branch → another)."""
+    return (query_roles != PROMPT) & (key_roles != PROMPT) & (query_roles != key_roles)
+
+
 def _tree_visibility(tree: TreeBatch) -> torch.Tensor:
-    """[L, L] bool: query row q may attend to key row k (same pair, causal, y_l does not see y_w)."""
+    """[L, L] bool: query row q may attend to key row k (same pair, causal, no response sees another)."""
     rows = torch.arange(tree.length, device=tree.pair_ids.device)
     same_pair = tree.pair_ids[:, None] == tree.pair_ids[None, :]
     causal = rows[None, :] <= rows[:, None]
-    rejected_sees_chosen = (tree.role_ids[:, None] == REJECTED) & (tree.role_ids[None, :] == CHOSEN)
-    return same_pair & causal & ~rejected_sees_chosen
+    return same_pair & causal & ~_sees_sibling(tree.role_ids[:, None], tree.role_ids[None, :])
 
 
 def tree_attention_mask(tree: TreeBatch, *, prefix_length: int = 0) -> torch.Tensor:
@@ -204,8 +263,7 @@ def tree_block_mask(tree: TreeBatch, *, prefix_length: int = 0, block_size: int 
         in_prefix = kv_idx < prefix_length
         same_pair = pair_ids[q_idx] == pair_ids[key]
         causal = key <= q_idx
-        rejected_sees_chosen = (role_ids[q_idx] == REJECTED) & (role_ids[key] == CHOSEN)
-        return in_prefix | (same_pair & causal & ~rejected_sees_chosen)
+        return in_prefix | (same_pair & causal & ~_sees_sibling(role_ids[q_idx], role_ids[key]))
 
     return create_block_mask(tree_mask_mod, B=None, H=None, Q_LEN=tree.length, KV_LEN=prefix_length + tree.length,
                              device=pair_ids.device, BLOCK_SIZE=block_size)
