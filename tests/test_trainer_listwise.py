@@ -22,9 +22,11 @@ def _trainer(tmp_path, loss_type="plackett_luce", rows=ROWS, **overrides):
                              train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
 
 
-@pytest.mark.parametrize("loss_type", ["plackett_luce", "lambda_rank"])
-def test_loss_matches_float64_from_full_logits(tmp_path, loss_type):
-    trainer = _trainer(tmp_path, loss_type, beta=0.5)
+@pytest.mark.parametrize("loss_type, layout", [("plackett_luce", "padded"), ("lambda_rank", "padded"),
+                                               ("plackett_luce", "tree")])
+def test_loss_matches_float64_from_full_logits(tmp_path, loss_type, layout):
+    trainer = _trainer(tmp_path, loss_type, beta=0.5, stream_layout=layout)
+    assert trainer.stream_layout == layout
     reference = tiny_model()  # the initial policy is the reference
     with torch.no_grad():  # move the policy off the reference so the rewards are not all zero
         for parameter in trainer.model.parameters():
@@ -65,7 +67,7 @@ def test_training_runs_and_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(loss_type=["plackett_luce", "sigmoid"]), "cannot be combined"),
-    (dict(loss_type="lambda_rank", stream_layout="tree"), "padded layout"),
+    (dict(loss_type="lambda_rank", stream_layout="packed"), "padded or the tree layout"),
     (dict(loss_type="lambda_rank", ld_alpha=0.5), "ld_alpha"),
     (dict(loss_type="plackett_luce", use_weighting=True), "use_weighting"),
 ])

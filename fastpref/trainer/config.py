@@ -207,9 +207,8 @@ class PreferenceConfig(TrainingArguments):
         if len(self.loss_type) != 1:
             raise ValueError(f"loss_type {self.loss_type}: a listwise type ({', '.join(LISTWISE_LOSS_TYPES)}) "
                              "cannot be combined with other loss types")
-        if self.stream_layout not in ("auto", "padded") or self.padding_free:
-            raise ValueError(f"listwise loss types use the padded layout; got stream_layout={self.stream_layout!r}"
-                             f", padding_free={self.padding_free}")
+        if self.stream_layout == "packed":
+            raise ValueError("listwise loss types use the padded or the tree layout; got stream_layout='packed'")
         for name, value, unset in (("ld_alpha", self.ld_alpha, None), ("use_weighting", self.use_weighting, False)):
             if value != unset:
                 raise ValueError(f"{name}={value!r} is not supported with listwise loss type {self.loss_type[0]!r}")

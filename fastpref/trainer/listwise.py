@@ -3,13 +3,13 @@
 Format: ``prompt``, ``completions`` (K responses, strings or message lists, K ≥ 2, K may vary by row), ``scores``
 (K floats, higher is better). Tokenization runs :func:`fastpref.data.tokenize_pair` on (prompt, y_k) for each k
 (the pairs' truncation) into ``prompt_input_ids`` and ``completions_input_ids`` (K token lists); every y_k
-must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows (the
-padded layout only) and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
+must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows, or
+(``stream_layout="tree"``) as one tree stream with each prompt once and K branches, and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
 cached, ``ref_completions_logps`` [B, K_max]. The reference log-probs are cached like the pairs' under a
 fingerprint of the reference, the prompt and completion token ids and the format (stream ``"listwise"``).
 
 Limits: a row that does not fit ``max_length`` after truncation raises (pairs are dropped with a warning); the
-packed and tree layouts, token weights (``ld_alpha``) and WPO weighting are refused by
+packed layout (``"auto"`` picks padded or tree), token weights (``ld_alpha``) and WPO weighting are refused by
 :class:`fastpref.PreferenceConfig`.
 """
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from fastpref.data import tokenize_pair
 from fastpref.logps.inputs import IGNORE_INDEX
 from fastpref.model.head import kept_rows
+from fastpref.model.tree_stream import build_branch_tree
 
 LISTWISE_TEXT_COLUMNS = ("prompt", "completions", "scores")
 LISTWISE_TOKEN_COLUMN = "completions_input_ids"
@@ -74,12 +75,36 @@ def tokenize_listwise_dataset(dataset, tokenizer, args, name: str):
 
 
 class ListwiseCollator:
-    """Ranked rows → padded [Σ K_b, T] rows (prompt ⊕ y_k, row b's K_b responses in order) plus [B, K_max] columns."""
+    """Ranked rows → padded [Σ K_b, T] rows (prompt ⊕ y_k, row b's K_b responses in order), or with
+    ``layout="tree"`` one tree stream [x, y_1, …, y_K] per prompt (:func:`fastpref.model.tree_stream.build_branch_tree`,
+    the same sequence order), plus the [B, K_max] columns."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, layout: str = "padded"):
+        if layout not in ("padded", "tree"):
+            raise ValueError(f"layout must be 'padded' or 'tree' for listwise data, got {layout!r}")
         self.pad_token_id = pad_token_id
+        self.layout = layout
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._tree(features) if self.layout == "tree" else self._padded(features)
+        counts = [len(f[LISTWISE_TOKEN_COLUMN]) for f in features]
+        mask = torch.arange(max(counts)).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+        batch.update({"completions_mask": mask, "scores": _ragged(features, "scores", mask),
+                      "example_index": torch.tensor([f["example_index"] for f in features], dtype=torch.long)})
+        if LISTWISE_REF_COLUMN in features[0]:
+            batch[LISTWISE_REF_COLUMN] = _ragged(features, LISTWISE_REF_COLUMN, mask)
+        return batch
+
+    @staticmethod
+    def _tree(features: list[dict]) -> dict:
+        tree = build_branch_tree([list(f["prompt_input_ids"]) for f in features],
+                                 [[list(y) for y in f[LISTWISE_TOKEN_COLUMN]] for f in features])
+        return {"input_ids": tree.input_ids, "position_ids": tree.position_ids, "tree_pair_ids": tree.pair_ids,
+                "tree_role_ids": tree.role_ids, "tree_position_offset": tree.position_offset,
+                "tree_max_position": tree.max_position, "kept_index": tree.row_index, "kept_labels": tree.labels,
+                "kept_cu_seqlens": tree.cu_seqlens}
+
+    def _padded(self, features: list[dict]) -> dict:
         sequences = [(list(f["prompt_input_ids"]), list(y)) for f in features for y in f[LISTWISE_TOKEN_COLUMN]]
         width = max(len(p) + len(y) for p, y in sequences)
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
@@ -90,16 +115,9 @@ class ListwiseCollator:
         # Labels of position t are the token t + 1 (the model predicts the next token): shift like kept_rows expects.
         shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         rows = kept_rows(shifted)
-        counts = [len(f[LISTWISE_TOKEN_COLUMN]) for f in features]
-        mask = torch.arange(max(counts)).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
         lengths = torch.tensor([len(p) + len(y) for p, y in sequences])
-        batch = {"input_ids": ids, "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
-                 "kept_index": rows.index, "kept_labels": rows.labels, "kept_cu_seqlens": rows.cu_seqlens,
-                 "completions_mask": mask, "scores": _ragged(features, "scores", mask),
-                 "example_index": torch.tensor([f["example_index"] for f in features], dtype=torch.long)}
-        if LISTWISE_REF_COLUMN in features[0]:
-            batch[LISTWISE_REF_COLUMN] = _ragged(features, LISTWISE_REF_COLUMN, mask)
-        return batch
+        return {"input_ids": ids, "attention_mask": (torch.arange(width) < lengths.unsqueeze(1)).long(),
+                "kept_index": rows.index, "kept_labels": rows.labels, "kept_cu_seqlens": rows.cu_seqlens}
 
 
 def _ragged(features: list[dict], key: str, mask: torch.Tensor) -> torch.Tensor:

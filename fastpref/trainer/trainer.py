@@ -81,15 +81,16 @@ class PreferenceTrainer(Trainer):
             not LOSS_DEFINITIONS[name].reference_free for name in args.loss_type)
         self.ref_model = self._reference_model(model, ref_model, tokenizer, args)
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
-        if args.is_listwise:
-            args.stream_layout = "padded"
-        args.stream_layout = self.stream_layout = resolve_stream_layout(model, args)
+        layout = resolve_stream_layout(model, args)
+        if args.is_listwise and layout == "packed":  # auto picked packed: listwise data has no packed collator
+            layout = "padded"
+        args.stream_layout = self.stream_layout = layout
         args.padding_free = self.stream_layout != "padded"
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train")
         eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval")
         self._aug_prefix = refinement_prefix(model, tokenizer, args, train_dataset, eval_dataset)
         if data_collator is None and args.is_listwise:
-            data_collator = ListwiseCollator(tokenizer.pad_token_id)
+            data_collator = ListwiseCollator(tokenizer.pad_token_id, layout=self.stream_layout)
         if data_collator is None:
             data_collator = StepCollator(tokenizer.pad_token_id, with_augmented=args.uses_augmented_stream,
                                          layout=self.stream_layout, ld_alpha=args.ld_alpha,
