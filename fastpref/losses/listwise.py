@@ -84,8 +84,11 @@ def _check_values(policy_logps, ref_logps, scores, present) -> None:
     """Present entries must be finite (one host read); absent ones may hold anything."""
     if not value_checks_enabled():
         return
-    for name, tensor in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("scores", scores)):
-        if tensor is not None and not bool(torch.isfinite(tensor.detach()[present]).all()):
+    named = [(name, t) for name, t in (("policy_logps", policy_logps), ("ref_logps", ref_logps), ("scores", scores))
+             if t is not None]
+    finite = torch.stack([(torch.isfinite(t.detach()) | ~present).all() for _, t in named]).tolist()
+    for (name, _), ok in zip(named, finite, strict=True):
+        if not ok:
             raise ValueError(f"{name} holds NaN or infinite values where mask is True")
 
 
