@@ -8,10 +8,10 @@ from fastpref.data.augment import reward_augment, reward_conditioned_prompt
 from fastpref.data.critique import parse_score, self_critique_pairs
 from fastpref.data.loading import extract_prompt, is_conversational, load_preference_dataset
 from fastpref.data.prompts import CRITIQUE_TEMPLATE, REVISE_TEMPLATE, REWARD_AUGMENT_TEMPLATE, SR_DPO_REFINEMENT_PROMPT
-from fastpref.data.tokenization import TRUNCATION_MODES, tokenize_pair
+from fastpref.data.tokenization import TRUNCATION_MODES, response_tokens, tokenize_pair
 
 __all__ = [
     "CRITIQUE_TEMPLATE", "REVISE_TEMPLATE", "REWARD_AUGMENT_TEMPLATE", "SR_DPO_REFINEMENT_PROMPT",
     "TRUNCATION_MODES", "extract_prompt", "is_conversational", "load_preference_dataset", "parse_score",
-    "reward_augment", "reward_conditioned_prompt", "self_critique_pairs", "tokenize_pair",
+    "response_tokens", "reward_augment", "reward_conditioned_prompt", "self_critique_pairs", "tokenize_pair",
 ]
