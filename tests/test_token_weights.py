@@ -158,3 +158,41 @@ def test_changed_token_weights_do_not_reuse_the_reference_cache(tmp_path):
     unweighted, _ = passes(rows)
     assert (first, again, changed, unweighted) == (1, 0, 1, 1)
     assert again_logps == first_logps and changed_logps != first_logps
+
+
+MULTI_TURN = {"prompt": [{"role": "user", "content": "Plan a trip"}],
+              "chosen": [{"role": "assistant", "content": "Where to?"}, {"role": "user", "content": "Rome, cheap"},
+                         {"role": "assistant", "content": "Take the train."}],
+              "rejected": [{"role": "assistant", "content": "No."}]}
+
+
+def test_assistant_only_zeroes_the_non_assistant_turns_of_a_response():
+    out = tokenize_pair({**MULTI_TURN, "chosen_token_weights": None}, TOKENIZER, max_length=None,
+                        assistant_only=True)
+    render = TOKENIZER.apply_chat_template
+    turn_lengths = []
+    for count in (1, 2, 3):
+        text = render(MULTI_TURN["prompt"] + MULTI_TURN["chosen"][:count], tokenize=False)
+        turn_lengths.append(len(TOKENIZER(text, add_special_tokens=False)["input_ids"]))
+    prompt = len(out["prompt_input_ids"])
+    expected = ([1.0] * (turn_lengths[0] - prompt) + [0.0] * (turn_lengths[1] - turn_lengths[0])
+                + [1.0] * (turn_lengths[2] - turn_lengths[1]))
+    assert out["chosen_token_weights"] == expected and 0.0 in expected
+    assert out["rejected_token_weights"] == [1.0] * len(out["rejected_input_ids"])
+    weights = [0.5] * len(out["chosen_input_ids"])
+    times = tokenize_pair({**MULTI_TURN, "chosen_token_weights": weights}, TOKENIZER, max_length=None,
+                          assistant_only=True)
+    assert times["chosen_token_weights"] == [0.5 * w for w in expected]
+    with pytest.raises(ValueError, match="assistant_only needs conversational data"):
+        tokenize_pair(EXAMPLE, TOKENIZER, assistant_only=True)
+
+
+def test_trainer_assistant_only_weights_the_reference(tmp_path):
+    rows = Dataset.from_list([MULTI_TURN] * 3)
+    logps = {}
+    for flag in (False, True):
+        trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path / str(flag), assistant_only=flag),
+                                    train_dataset=rows, processing_class=TOKENIZER)
+        logps[flag] = trainer.train_dataset["ref_chosen_logps"]
+        assert ("chosen_token_weights" in trainer.train_dataset.column_names) == flag
+    assert logps[True][0] > logps[False][0]  # the user turn's (negative) log-probs no longer count

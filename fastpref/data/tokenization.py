@@ -176,13 +176,15 @@ def _augmented_kept(plain: list[int], aug: list[int], kept: range) -> list[int]:
 
 def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str | None = None,
                   max_length: int | None = 1024, max_prompt_length: int | None = None,
-                  truncation_mode: str = TRUNCATION_MODES[0]) -> dict[str, list[int]]:
+                  truncation_mode: str = TRUNCATION_MODES[0], assistant_only: bool = False) -> dict[str, list[int]]:
     """Tokenize a preference example (standard or conversational, explicit or implicit prompt).
 
     Returns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int; the sequences are
     prompt ⊕ chosen and prompt ⊕ rejected), plus ``aug_prompt_input_ids`` (p ⊕ x) when ``refinement_prompt``
     is given, plus ``chosen_token_weights``/``rejected_token_weights`` (cut with their tokens) when the example has
-    token-weight or segment columns (:mod:`fastpref.data.token_weights`). Truncation: see the module docstring. Raises ``ValueError`` naming the problem for an empty
+    token-weight or segment columns (:mod:`fastpref.data.token_weights`) or ``assistant_only`` is set (conversational
+data: weight 0 on the tokens each non-assistant turn of a response renders, times any given weights).
+Truncation: see the module docstring. Raises ``ValueError`` naming the problem for an empty
     prompt or an empty response (before or after truncation) and for bad arguments.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -201,7 +203,8 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
                              f"max_length={max_length} with truncation_mode={truncation_mode!r}")
     out = {"prompt_input_ids": prompt[kept.start:kept.stop], "chosen_input_ids": chosen,
            "rejected_input_ids": rejected}
-    out.update(_response_weights(split, tokenizer, {"chosen": len(chosen), "rejected": len(rejected)}))
+    out.update(_response_weights(split, tokenizer, {"chosen": len(chosen), "rejected": len(rejected)},
+                                 assistant_only))
     if split.aug_full is not None:
         # Drop the same prompt tail that merged into the responses, then truncate like the plain prompt.
         aug = split.aug_full[:len(split.aug_full) - (len(split.prompt_full) - split.prompt_len)]
@@ -260,9 +263,31 @@ def _segment_offsets(split: SplitPair, tokenizer, side: str, column: str) -> tup
     return [(start - len(prompt), end - len(prompt)) for start, end in offsets], length
 
 
-def _response_weights(split: SplitPair, tokenizer, kept: dict[str, int]) -> dict[str, list[float]]:
+def assistant_token_mask(split: SplitPair, tokenizer, side: str) -> list[float]:
+    """1.0 for each response token rendered by an assistant turn, 0.0 for those of any other turn (user, tool,
+    system). The turns are found by rendering the conversation one response message more at a time; a ValueError
+    if the chat template does not render a conversation as the concatenation of its turns."""
+    example = split.example
+    if not is_conversational(example):
+        raise ValueError("assistant_only needs conversational data (lists of messages)")
+    full = split.prompt_full[:split.prompt_len] + getattr(split, side)
+    mask, done = [], split.prompt_len
+    for count, message in enumerate(example[side], start=1):
+        rendered = _render(tokenizer, example["prompt"] + example[side][:count], generation_prompt=False)
+        end = len(rendered) if count < len(example[side]) else len(full)
+        if rendered[:end] != full[:end] or end < done:
+            raise ValueError(f"assistant_only: the chat template does not render the {side} conversation turn by "
+                             "turn (a prefix of turns is not a prefix of its tokens)")
+        mask += [1.0 if message.get("role") == "assistant" else 0.0] * (end - done)
+        done = end
+    return mask
+
+
+def _response_weights(split: SplitPair, tokenizer, kept: dict[str, int], assistant_only: bool = False
+                      ) -> dict[str, list[float]]:
     """``{side}_token_weights`` (cut to the ``kept`` response lengths) from the example's token-weight or segment
-    columns, 1 for every token of a side with neither; empty when no side has any."""
+    columns, 1 for every token of a side with neither, times the assistant mask when ``assistant_only``; empty
+    when no side has any and ``assistant_only`` is off."""
     example, out = split.example, {}
     for side, weights_column, segments_column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, SEGMENT_COLUMNS, strict=True):
         given = [c for c in (weights_column, segments_column) if example.get(c) is not None]
@@ -277,7 +302,10 @@ def _response_weights(split: SplitPair, tokenizer, kept: dict[str, int]) -> dict
             offsets, length = _segment_offsets(split, tokenizer, side, segments_column)
             weights = segment_token_weights(example[segments_column], offsets, length, segments_column)
         out[weights_column] = weights[:kept[side]]
-    if out:
+    if out or assistant_only:
         for side, column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, strict=True):
             out.setdefault(column, [1.0] * kept[side])
+            if assistant_only:
+                mask = assistant_token_mask(split, tokenizer, side)[:kept[side]]
+                out[column] = [w * m for w, m in zip(out[column], mask, strict=True)]
     return out

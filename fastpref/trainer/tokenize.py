@@ -39,13 +39,15 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
         if any(c in columns for c in SEGMENT_COLUMNS):
             raise ValueError(f"{name}: segment columns need the text: pass the untokenized dataset, or give "
                              "chosen_token_weights/rejected_token_weights")
+        if args.assistant_only:
+            raise ValueError(f"{name}: assistant_only needs the conversational dataset (the turns), not token ids")
         _check_token_weights(dataset, name)
     else:
         empty = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
         if refinement_prompt is not None:
             empty["aug_prompt_input_ids"] = []
 
-        weighted = any(c in columns for c in (*TOKEN_WEIGHT_COLUMNS, *SEGMENT_COLUMNS))
+        weighted = args.assistant_only or any(c in columns for c in (*TOKEN_WEIGHT_COLUMNS, *SEGMENT_COLUMNS))
         if weighted:
             empty.update({column: [] for column in TOKEN_WEIGHT_COLUMNS})
 
@@ -53,7 +55,7 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
             try:
                 out = tokenize_pair(example, tokenizer, refinement_prompt=refinement_prompt,
                                     max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                    truncation_mode=args.truncation_mode)
+                                    truncation_mode=args.truncation_mode, assistant_only=args.assistant_only)
             except ValueError as error:
                 if _DROPPABLE not in str(error):
                     raise ValueError(f"{name} row {row}: {error}") from error
