@@ -29,9 +29,11 @@ Truncation, so that prompt + longer response ≤ ``max_length`` (the prompt is s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastpref.data.loading import extract_prompt, is_conversational
+from fastpref.data.token_weights import (SEGMENT_COLUMNS, SIDES, TOKEN_WEIGHT_COLUMNS, checked_token_weights,
+                                         segment_token_weights)
 
 #: Truncation modes of :func:`tokenize_pair` and ``PreferenceConfig.truncation_mode``; the first is TRL 1.16's
 #: ``DPOConfig`` default.
@@ -174,12 +176,15 @@ def _augmented_kept(plain: list[int], aug: list[int], kept: range) -> list[int]:
 
 def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str | None = None,
                   max_length: int | None = 1024, max_prompt_length: int | None = None,
-                  truncation_mode: str = TRUNCATION_MODES[0]) -> dict[str, list[int]]:
+                  truncation_mode: str = TRUNCATION_MODES[0], assistant_only: bool = False) -> dict[str, list[int]]:
     """Tokenize a preference example (standard or conversational, explicit or implicit prompt).
 
     Returns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int; the sequences are
     prompt ⊕ chosen and prompt ⊕ rejected), plus ``aug_prompt_input_ids`` (p ⊕ x) when ``refinement_prompt``
-    is given. Truncation: see the module docstring. Raises ``ValueError`` naming the problem for an empty
+    is given, plus ``chosen_token_weights``/``rejected_token_weights`` (cut with their tokens) when the example has
+    token-weight or segment columns (:mod:`fastpref.data.token_weights`) or ``assistant_only`` is set (conversational
+data: weight 0 on the tokens each non-assistant turn of a response renders, times any given weights).
+Truncation: see the module docstring. Raises ``ValueError`` naming the problem for an empty
     prompt or an empty response (before or after truncation) and for bad arguments.
     """
     if truncation_mode not in TRUNCATION_MODES:
@@ -189,16 +194,8 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
             raise ValueError(f"{name} must be None or an int >= {least}, got {value!r}")
     if refinement_prompt is not None and (not isinstance(refinement_prompt, str) or not refinement_prompt):
         raise ValueError(f"refinement_prompt must be None or a non-empty string, got {refinement_prompt!r}")
-    example = extract_prompt(example)
-    prompt_full, chosen_full, rejected_full, aug_full = _tokenize_texts(example, tokenizer, refinement_prompt)
-    prompt_len = min(shared_prefix_length([prompt_full, full]) for full in (chosen_full, rejected_full))
-    prompt, chosen, rejected = prompt_full[:prompt_len], chosen_full[prompt_len:], rejected_full[prompt_len:]
-    if not prompt:
-        raise ValueError("empty prompt: the first response token needs a prompt token to predict it "
-                         "(give a prompt, or use a tokenizer that adds a bos token)")
-    for name, ids in (("chosen", chosen), ("rejected", rejected)):
-        if not ids:
-            raise ValueError(f"empty {name} response after tokenization")
+    split = split_pair(example, tokenizer, refinement_prompt)
+    prompt, chosen, rejected = split.prompt_full[:split.prompt_len], split.chosen, split.rejected
     kept, chosen, rejected = _truncate(prompt, chosen, rejected, max_length, max_prompt_length, truncation_mode)
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if not ids:
@@ -206,8 +203,109 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
                              f"max_length={max_length} with truncation_mode={truncation_mode!r}")
     out = {"prompt_input_ids": prompt[kept.start:kept.stop], "chosen_input_ids": chosen,
            "rejected_input_ids": rejected}
-    if aug_full is not None:
+    out.update(_response_weights(split, tokenizer, {"chosen": len(chosen), "rejected": len(rejected)},
+                                 assistant_only))
+    if split.aug_full is not None:
         # Drop the same prompt tail that merged into the responses, then truncate like the plain prompt.
-        aug = aug_full[:len(aug_full) - (len(prompt_full) - prompt_len)]
+        aug = split.aug_full[:len(split.aug_full) - (len(split.prompt_full) - split.prompt_len)]
         out["aug_prompt_input_ids"] = _augmented_kept(prompt, aug, kept)
+    return out
+
+
+class SplitPair(NamedTuple):
+    """A pair's untruncated tokens: the prompt ends at ``prompt_len`` of ``prompt_full``."""
+    example: dict
+    prompt_full: list[int]
+    prompt_len: int
+    chosen: list[int]
+    rejected: list[int]
+    aug_full: list[int] | None
+
+
+def split_pair(example: dict[str, Any], tokenizer, refinement_prompt: str | None) -> SplitPair:
+    """``example`` (prompt extracted) tokenized and split into prompt and responses, untruncated; ValueError for an
+    empty prompt or response."""
+    example = extract_prompt(example)
+    prompt_full, chosen_full, rejected_full, aug_full = _tokenize_texts(example, tokenizer, refinement_prompt)
+    prompt_len = min(shared_prefix_length([prompt_full, full]) for full in (chosen_full, rejected_full))
+    if prompt_len == 0:
+        raise ValueError("empty prompt: the first response token needs a prompt token to predict it "
+                         "(give a prompt, or use a tokenizer that adds a bos token)")
+    split = SplitPair(example, prompt_full, prompt_len, chosen_full[prompt_len:], rejected_full[prompt_len:],
+                      aug_full)
+    for name in SIDES:
+        if not getattr(split, name):
+            raise ValueError(f"empty {name} response after tokenization")
+    return split
+
+
+def response_tokens(example: dict, tokenizer) -> dict[str, list[int]]:
+    """The token ids of ``example``'s chosen and rejected responses as the trainer tokenizes them (untruncated):
+    ``{"chosen": [...], "rejected": [...]}``, one entry per weight of ``{side}_token_weights``
+    (:mod:`fastpref.data.token_weights`). ``tokenizer.convert_ids_to_tokens`` turns them into strings."""
+    split = split_pair(example, tokenizer, None)
+    return {"chosen": split.chosen, "rejected": split.rejected}
+
+
+def _segment_offsets(split: SplitPair, tokenizer, side: str, column: str) -> tuple[list[tuple[int, int]], int]:
+    """Each untruncated response token's character span within the response text, and the text's length."""
+    example = split.example
+    if not isinstance(example["prompt"], str):
+        raise ValueError(f"{column} needs standard (string) data: conversational responses have no single text to "
+                         f"index; give {side}_token_weights instead")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{column} needs a fast tokenizer (its offset mapping maps characters to tokens)")
+    prompt, response = example["prompt"], example[side]
+    eos = tokenizer.eos_token or ""
+    text = response if response.endswith(eos) else response + eos
+    offsets = tokenizer(prompt + text, return_offsets_mapping=True)["offset_mapping"][split.prompt_len:]
+    length = len(response) - (len(eos) if eos and response.endswith(eos) else 0)
+    return [(start - len(prompt), end - len(prompt)) for start, end in offsets], length
+
+
+def assistant_token_mask(split: SplitPair, tokenizer, side: str) -> list[float]:
+    """1.0 for each response token rendered by an assistant turn, 0.0 for those of any other turn (user, tool,
+    system). The turns are found by rendering the conversation one response message more at a time; a ValueError
+    if the chat template does not render a conversation as the concatenation of its turns."""
+    example = split.example
+    if not is_conversational(example):
+        raise ValueError("assistant_only needs conversational data (lists of messages)")
+    full = split.prompt_full[:split.prompt_len] + getattr(split, side)
+    mask, done = [], split.prompt_len
+    for count, message in enumerate(example[side], start=1):
+        rendered = _render(tokenizer, example["prompt"] + example[side][:count], generation_prompt=False)
+        end = len(rendered) if count < len(example[side]) else len(full)
+        if rendered[:end] != full[:end] or end < done:
+            raise ValueError(f"assistant_only: the chat template does not render the {side} conversation turn by "
+                             "turn (a prefix of turns is not a prefix of its tokens)")
+        mask += [1.0 if message.get("role") == "assistant" else 0.0] * (end - done)
+        done = end
+    return mask
+
+
+def _response_weights(split: SplitPair, tokenizer, kept: dict[str, int], assistant_only: bool = False
+                      ) -> dict[str, list[float]]:
+    """``{side}_token_weights`` (cut to the ``kept`` response lengths) from the example's token-weight or segment
+    columns, 1 for every token of a side with neither, times the assistant mask when ``assistant_only``; empty
+    when no side has any and ``assistant_only`` is off."""
+    example, out = split.example, {}
+    for side, weights_column, segments_column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, SEGMENT_COLUMNS, strict=True):
+        given = [c for c in (weights_column, segments_column) if example.get(c) is not None]
+        if len(given) == 2:
+            raise ValueError(f"give {weights_column} or {segments_column}, not both")
+        if not given:
+            continue
+        tokens = getattr(split, side)
+        if given[0] == weights_column:
+            weights = checked_token_weights(example[weights_column], len(tokens), weights_column)
+        else:
+            offsets, length = _segment_offsets(split, tokenizer, side, segments_column)
+            weights = segment_token_weights(example[segments_column], offsets, length, segments_column)
+        out[weights_column] = weights[:kept[side]]
+    if out or assistant_only:
+        for side, column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, strict=True):
+            out.setdefault(column, [1.0] * kept[side])
+            if assistant_only:
+                mask = assistant_token_mask(split, tokenizer, side)[:kept[side]]
+                out[column] = [w * m for w, m in zip(out[column], mask, strict=True)]
     return out

@@ -4,7 +4,10 @@ completion rows the fused head reads (found here on the CPU so the training step
 Per stream (``""`` plain, ``"aug_"`` the refinement-prompt stream) the batch holds
 ``{s}input_ids`` and ``{s}position_ids`` [1, L] (packed) or ``{s}input_ids``/``{s}attention_mask`` [2B, T]
 (``padding_free=False``), and ``{s}kept_index``, ``{s}kept_labels``, ``{s}kept_cu_seqlens`` (see
-:class:`fastpref.model.head.KeptRows`), with ``{s}kept_token_weights`` when LD-DPO's ``ld_alpha`` is set.
+:class:`fastpref.model.head.KeptRows`), with ``{s}kept_token_weights`` [n] when the features carry
+``chosen_token_weights``/``rejected_token_weights`` (:mod:`fastpref.data.token_weights`; None on a row: weight 1)
+or LD-DPO's ``ld_alpha`` is set (both: their product). Every stream scores the same responses, so the weights
+are the same in the plain and the augmented stream.
 Per-pair columns (scores, τ, offsets, reference log-probs, ``example_index``) pass through unchanged.
 
 With ``aug_prefix`` (the token ids every augmented prompt starts with: the refinement prompt p, whose keys and
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastpref.data.token_weights import SIDES, TOKEN_WEIGHT_COLUMNS, checked_token_weights
 from fastpref.data.tokenization import strip_prefix
 from fastpref.logps.inputs import IGNORE_INDEX
 from fastpref.model.head import KeptRows, kept_rows
@@ -46,6 +50,23 @@ def ld_token_weights(cu_seqlens: torch.Tensor, ld_alpha: float) -> torch.Tensor:
     position = torch.arange(int(cu_seqlens[-1])) - torch.repeat_interleave(cu_seqlens[:-1], counts)
     in_tail = position >= torch.repeat_interleave(shared, counts)
     return torch.where(in_tail, torch.tensor(ld_alpha), torch.tensor(1.0)).float()
+
+
+def column_token_weights(features: list[dict]) -> torch.Tensor | None:
+    """The features' ``{side}_token_weights`` in kept-row order (every chosen response, then every rejected one)
+    as float32 [n], or None when no feature has any; a ValueError naming the feature for a length mismatch."""
+    if not any(f.get(column) is not None for f in features for column in TOKEN_WEIGHT_COLUMNS):
+        return None
+    weights: list[float] = []
+    for side, column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, strict=True):
+        for i, feature in enumerate(features):
+            length = len(_token_list(feature, f"{side}_input_ids", i))
+            given = feature.get(column)
+            try:
+                weights += [1.0] * length if given is None else checked_token_weights(given, length, column)
+            except ValueError as error:
+                raise ValueError(f"feature {i}: {error}") from error
+    return torch.tensor(weights, dtype=torch.float32)
 
 
 def _padded(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, pad_token_id: int):
@@ -87,12 +108,23 @@ class StepCollator:
             stripped = strip_prefix([f["aug_prompt_input_ids"] for f in features], self.aug_prefix)
             features = [{**f, "aug_prompt_input_ids": aug} for f, aug in zip(features, stripped, strict=True)]
         packed = self.packer(features)
+        column_weights = column_token_weights(features)
         batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
         for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
-            batch.update(self._tree_stream(prefix, features) if self.layout == "tree" else self._stream(prefix, packed))
+            batch.update(self._tree_stream(prefix, features, column_weights) if self.layout == "tree"
+                         else self._stream(prefix, packed, column_weights))
         return batch
 
-    def _tree_stream(self, prefix: str, features: list[dict]) -> dict:
+    def _token_weights(self, rows: KeptRows, column_weights: torch.Tensor | None) -> torch.Tensor | None:
+        """The kept rows' token weights: the dataset's, times LD-DPO's; None when neither is given."""
+        if column_weights is not None and column_weights.numel() != rows.labels.numel():
+            raise ValueError(f"token weights: {column_weights.numel()} for {rows.labels.numel()} scored tokens")
+        if self.ld_alpha is None:
+            return column_weights
+        ld_weights = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
+        return ld_weights if column_weights is None else ld_weights * column_weights
+
+    def _tree_stream(self, prefix: str, features: list[dict], column_weights: torch.Tensor | None) -> dict:
         offset = len(self.aug_prefix) if prefix == "aug_" and self.aug_prefix is not None else 0
         tree = build_tree_batch(*([_token_list(f, key, i) for i, f in enumerate(features)]
                                   for key in (f"{prefix}prompt_input_ids", "chosen_input_ids", "rejected_input_ids")),
@@ -103,11 +135,12 @@ class StepCollator:
                f"{prefix}tree_max_position": tree.max_position}
         rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
         out.update(_rows_dict(prefix, rows))
-        if self.ld_alpha is not None:
-            out[f"{prefix}kept_token_weights"] = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
+        weights = self._token_weights(rows, column_weights)
+        if weights is not None:
+            out[f"{prefix}kept_token_weights"] = weights
         return out
 
-    def _stream(self, prefix: str, packed: dict) -> dict[str, torch.Tensor]:
+    def _stream(self, prefix: str, packed: dict, column_weights: torch.Tensor | None) -> dict[str, torch.Tensor]:
         input_ids, labels = packed[f"{prefix}input_ids"], packed[f"{prefix}labels"]
         cu_seqlens = packed[f"{prefix}cu_seqlens"]
         if prefix == "aug_" and self.aug_prefix is not None:
@@ -125,8 +158,9 @@ class StepCollator:
             rows = kept_rows(padded_labels)
             out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask}
         out.update(_rows_dict(prefix, rows))
-        if self.ld_alpha is not None:
-            out[f"{prefix}kept_token_weights"] = ld_token_weights(rows.cu_seqlens, self.ld_alpha)
+        weights = self._token_weights(rows, column_weights)
+        if weights is not None:
+            out[f"{prefix}kept_token_weights"] = weights
         return out
 
 

@@ -89,6 +89,9 @@ class PreferenceConfig(TrainingArguments):
     keep_identical_pairs: bool = field(
         default=False, metadata={"help": "Train on pairs whose chosen and rejected tokens are identical (dropped "
                                          "by default with a warning: they carry no preference signal)."})
+    assistant_only: bool = field(
+        default=False, metadata={"help": "Conversational data: weight 0 on the tokens of every non-assistant turn "
+                                         "inside a response (multi-turn SDPO/DMPO: the agent turns only)."})
     stream_layout: str = field(
         default="auto", metadata={"help": "How a micro-batch reaches the model: 'padded', 'packed' (position_ids), "
                                           "'tree' (each pair as [x, y_w, y_l], prompt once, 4D mask) or 'auto' "

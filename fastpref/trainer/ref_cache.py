@@ -4,7 +4,8 @@ One inference pass over the tokenized dataset computes the reference's per-seque
 the loss needs (``ref_chosen_logps``/``ref_rejected_logps`` for the plain pairs, ``aug_ref_…`` for the
 refinement-prompt stream of Sr-DPO/Sr-IPO). They are stored under a fingerprint of everything that determines
 them: the reference weights and config, the token ids of every pair (which fix the tokenizer, the truncation
-and the refinement prompt), the per-token weights (LD-DPO's ``ld_alpha`` for fastpref's own collator; for any
+and the refinement prompt), the per-token weights (the dataset's ``chosen_token_weights``/``rejected_token_weights``
+columns and LD-DPO's ``ld_alpha`` for fastpref's own collator; for any
 other collator, the weights and targets it actually produces, :func:`collated_rows_fingerprint`) and the
 stream. A later run (or epoch) with the same fingerprint loads them and runs no reference pass at all; the cache
 directory's writability is checked before a pass whose result could not be saved.
@@ -24,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from fastpref.data.token_weights import TOKEN_WEIGHT_COLUMNS
 from fastpref.trainer.ref_store import (RefLogpsStore, dataset_fingerprint, fingerprint, fingerprint_parts,
                                         tensors_digest)
 
@@ -64,8 +66,9 @@ def cache_fingerprint(reference_fp: str, dataset, stream: str, token_weights: st
 
     ``token_weights``: what fixes the per-token weights — ``ld_alpha`` (None: unweighted) for fastpref's
     collator, else :func:`collated_rows_fingerprint`. Each stream is cached on its own, so a DPO run reuses the
-    plain stream an Sr-DPO run computed."""
-    token_view = dataset.select_columns(list(STREAM_TOKEN_COLUMNS[stream]))
+    plain stream an Sr-DPO run computed. The dataset's token-weight columns are part of the token view."""
+    weight_columns = [column for column in TOKEN_WEIGHT_COLUMNS if column in dataset.column_names]
+    token_view = dataset.select_columns([*STREAM_TOKEN_COLUMNS[stream], *weight_columns])
     if not isinstance(token_weights, str):  # ld_alpha: 1 and 1.0 are one setting
         token_weights = -1.0 if token_weights is None else float(token_weights)
     parts = dict(format=CACHE_FORMAT, reference=reference_fp, tokens=dataset_fingerprint(token_view),

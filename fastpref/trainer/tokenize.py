@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 
 from fastpref.data import tokenize_pair
+from fastpref.data.token_weights import SEGMENT_COLUMNS, SIDES, TOKEN_WEIGHT_COLUMNS, checked_token_weights
 from fastpref.trainer.columns import INDEX_COLUMN, TEXT_COLUMNS, check_columns
 
 _ERROR_COLUMN = "_fastpref_tokenize_error"
@@ -35,24 +36,37 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
         if refinement_prompt is not None and "aug_prompt_input_ids" not in columns:
             raise ValueError("the tokenized dataset has no aug_prompt_input_ids column, which sr_dpo/sr_ipo with "
                              "refinement='prompt' needs: pass the untokenized dataset")
+        if any(c in columns for c in SEGMENT_COLUMNS):
+            raise ValueError(f"{name}: segment columns need the text: pass the untokenized dataset, or give "
+                             "chosen_token_weights/rejected_token_weights")
+        if args.assistant_only:
+            raise ValueError(f"{name}: assistant_only needs the conversational dataset (the turns), not token ids")
+        _check_token_weights(dataset, name)
     else:
         empty = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
         if refinement_prompt is not None:
             empty["aug_prompt_input_ids"] = []
 
-        def tokenize(example):
+        weighted = args.assistant_only or any(c in columns for c in (*TOKEN_WEIGHT_COLUMNS, *SEGMENT_COLUMNS))
+        if weighted:
+            empty.update({column: [] for column in TOKEN_WEIGHT_COLUMNS})
+
+        def tokenize(example, row):
             try:
                 out = tokenize_pair(example, tokenizer, refinement_prompt=refinement_prompt,
                                     max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                    truncation_mode=args.truncation_mode)
+                                    truncation_mode=args.truncation_mode, assistant_only=args.assistant_only)
             except ValueError as error:
                 if _DROPPABLE not in str(error):
-                    raise
+                    raise ValueError(f"{name} row {row}: {error}") from error
                 return {**empty, _ERROR_COLUMN: str(error)}
+            if weighted:  # a row without weights (None) on one side weighs its tokens 1
+                for side, column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, strict=True):
+                    out.setdefault(column, [1.0] * len(out[f"{side}_input_ids"]))
             return {**out, _ERROR_COLUMN: ""}
 
-        dataset = dataset.map(tokenize, remove_columns=[c for c in TEXT_COLUMNS if c in columns],
-                              num_proc=args.dataset_num_proc, desc="Tokenizing pairs")
+        dataset = dataset.map(tokenize, with_indices=True, num_proc=args.dataset_num_proc, desc="Tokenizing pairs",
+                              remove_columns=[c for c in (*TEXT_COLUMNS, *SEGMENT_COLUMNS) if c in columns])
         errors = [e for e in dataset[_ERROR_COLUMN] if e]
         row_numbers = [i for i, e in enumerate(dataset[_ERROR_COLUMN]) if not e]  # of the rows kept, as given
         if errors and len(errors) == len(dataset):
@@ -69,6 +83,19 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
     if INDEX_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
     return dataset
+
+
+def _check_token_weights(dataset, name: str) -> None:
+    """A ValueError naming the row and column of a tokenized dataset whose token weights do not match its tokens."""
+    for side, column in zip(SIDES, TOKEN_WEIGHT_COLUMNS, strict=True):
+        if column not in dataset.column_names:
+            continue
+        for row, (ids, weights) in enumerate(zip(dataset[f"{side}_input_ids"], dataset[column], strict=True)):
+            if weights is not None:
+                try:
+                    checked_token_weights(weights, len(ids), column)
+                except ValueError as error:
+                    raise ValueError(f"{name} row {row}: {error}") from error
 
 
 def _check_pairs(dataset, row_numbers: list[int], eos_token_id: int | None, keep_identical: bool, name: str):
