@@ -342,6 +342,30 @@ def test_reward_augment_dataset_and_conversational():
         reward_augment("rows")
 
 
+def test_reward_augment_without_system_role_scores_the_first_user_turn():
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Say fox."}]
+    rows = [{"prompt": [CHAT["prompt"][0], *turns], "chosen": CHAT["chosen"], "rejected": CHAT["rejected"],
+             "score_chosen": 7.0, "score_rejected": 3.0}]
+    out = reward_augment(rows, template="s={score:g}", system_role=False)
+    assert [message["content"] for message in out[0]["prompt"]] == ["Be brief.", "s=7\nHi.", "Hello.", "Say fox."]
+    assert out[1]["prompt"][1]["content"] == "s=3\nHi."
+    assert rows[0]["prompt"][1]["content"] == "Hi."   # the input rows are not modified
+    assert reward_conditioned_prompt("Say fox.", 9, template="s={score}", system_role=False) == "s=9\nSay fox."
+    with pytest.raises(ValueError, match="first user turn"):
+        reward_conditioned_prompt(CHAT["prompt"][:1], 9, system_role=False)
+
+
+def test_reward_augment_drops_tied_pairs_with_a_count():
+    rows = synthetic.generate(5, seed=6)
+    for i in (1, 3):
+        rows[i] = {**rows[i], "score_rejected": rows[i]["score_chosen"]}
+    with pytest.warns(UserWarning, match=r"dropped 2 of 5 pairs with tied scores .*rows \[1, 3\]"):
+        out = reward_augment(rows, template="s={score:g}")
+    assert len(out) == 6
+    assert [row["chosen"] for row in out[::2]] == [rows[i]["chosen"] for i in (0, 2, 4)]
+
+
 # --- self-critique pairs -------------------------------------------------------------------------------------
 
 def test_parse_score_keeps_signs():
