@@ -272,6 +272,37 @@ def test_refinement_prefix_is_the_template_and_p(tokenizer, conversational):
             assert aug[:len(prefix)] == prefix and len(aug) > len(prefix), (query, mode)
 
 
+MULTI_TURN = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Say fox."}]
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_refinement_before_conversation(tokenizer, system):
+    """before_conversation puts p at the start of the first message (the system message or the first user turn);
+    last_user_turn inside the last user turn; the prompt starts with refinement_prefix_ids of its first role."""
+    p = "Be good. Query:"
+    prompt = [CHAT["prompt"][0], *MULTI_TURN] if system else MULTI_TURN
+    row = {"prompt": prompt, "chosen": CHAT["chosen"], "rejected": CHAT["rejected"]}
+
+    def rendered(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for position, target in (("before_conversation", 0), ("last_user_turn", len(prompt) - 1)):
+        aug = tokenize_pair(row, tokenizer, refinement_prompt=p, max_length=None,
+                            refinement_position=position)["aug_prompt_input_ids"]
+        moved = [dict(message) for message in prompt]
+        moved[target]["content"] = p + " " + moved[target]["content"]
+        assert aug == rendered(moved), position
+    aug = tokenize_pair(row, tokenizer, refinement_prompt=p, refinement_position="before_conversation")
+    prefix = refinement_prefix_ids(tokenizer, p, conversational=True, first_role="system" if system else "user")
+    assert aug["aug_prompt_input_ids"][:len(prefix)] == prefix
+    string = tokenize_pair(ROW, tokenizer, refinement_prompt=p, refinement_position="before_conversation")
+    assert string == tokenize_pair(ROW, tokenizer, refinement_prompt=p)
+    with pytest.raises(ValueError, match="refinement_position"):
+        tokenize_pair(ROW, tokenizer, refinement_prompt=p, refinement_position="first")
+
+
 @pytest.mark.parametrize("max_length", [14, 17, 30])
 def test_keep_start_truncation(tokenizer, max_length):
     full = tokenize_pair(ROW, tokenizer, refinement_prompt="Be good. Query:", max_length=None)

@@ -44,7 +44,8 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
             try:
                 out = tokenize_pair(example, tokenizer, refinement_prompt=refinement_prompt,
                                     max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                    truncation_mode=args.truncation_mode)
+                                    truncation_mode=args.truncation_mode,
+                                    refinement_position=args.refinement_position)
             except ValueError as error:
                 if _DROPPABLE not in str(error):
                     raise
