@@ -272,6 +272,37 @@ def test_refinement_prefix_is_the_template_and_p(tokenizer, conversational):
             assert aug[:len(prefix)] == prefix and len(aug) > len(prefix), (query, mode)
 
 
+MULTI_TURN = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Say fox."}]
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_refinement_before_conversation(tokenizer, system):
+    """before_conversation puts p at the start of the first message (the system message or the first user turn);
+    last_user_turn inside the last user turn; the prompt starts with refinement_prefix_ids of its first role."""
+    p = "Be good. Query:"
+    prompt = [CHAT["prompt"][0], *MULTI_TURN] if system else MULTI_TURN
+    row = {"prompt": prompt, "chosen": CHAT["chosen"], "rejected": CHAT["rejected"]}
+
+    def rendered(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for position, target in (("before_conversation", 0), ("last_user_turn", len(prompt) - 1)):
+        aug = tokenize_pair(row, tokenizer, refinement_prompt=p, max_length=None,
+                            refinement_position=position)["aug_prompt_input_ids"]
+        moved = [dict(message) for message in prompt]
+        moved[target]["content"] = p + " " + moved[target]["content"]
+        assert aug == rendered(moved), position
+    aug = tokenize_pair(row, tokenizer, refinement_prompt=p, refinement_position="before_conversation")
+    prefix = refinement_prefix_ids(tokenizer, p, conversational=True, first_role="system" if system else "user")
+    assert aug["aug_prompt_input_ids"][:len(prefix)] == prefix
+    string = tokenize_pair(ROW, tokenizer, refinement_prompt=p, refinement_position="before_conversation")
+    assert string == tokenize_pair(ROW, tokenizer, refinement_prompt=p)
+    with pytest.raises(ValueError, match="refinement_position"):
+        tokenize_pair(ROW, tokenizer, refinement_prompt=p, refinement_position="first")
+
+
 @pytest.mark.parametrize("max_length", [14, 17, 30])
 def test_keep_start_truncation(tokenizer, max_length):
     full = tokenize_pair(ROW, tokenizer, refinement_prompt="Be good. Query:", max_length=None)
@@ -340,6 +371,30 @@ def test_reward_augment_dataset_and_conversational():
         reward_augment(rows, template="{quality}")
     with pytest.raises(TypeError, match="dataset_or_rows"):
         reward_augment("rows")
+
+
+def test_reward_augment_without_system_role_scores_the_first_user_turn():
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "Say fox."}]
+    rows = [{"prompt": [CHAT["prompt"][0], *turns], "chosen": CHAT["chosen"], "rejected": CHAT["rejected"],
+             "score_chosen": 7.0, "score_rejected": 3.0}]
+    out = reward_augment(rows, template="s={score:g}", system_role=False)
+    assert [message["content"] for message in out[0]["prompt"]] == ["Be brief.", "s=7\nHi.", "Hello.", "Say fox."]
+    assert out[1]["prompt"][1]["content"] == "s=3\nHi."
+    assert rows[0]["prompt"][1]["content"] == "Hi."   # the input rows are not modified
+    assert reward_conditioned_prompt("Say fox.", 9, template="s={score}", system_role=False) == "s=9\nSay fox."
+    with pytest.raises(ValueError, match="first user turn"):
+        reward_conditioned_prompt(CHAT["prompt"][:1], 9, system_role=False)
+
+
+def test_reward_augment_drops_tied_pairs_with_a_count():
+    rows = synthetic.generate(5, seed=6)
+    for i in (1, 3):
+        rows[i] = {**rows[i], "score_rejected": rows[i]["score_chosen"]}
+    with pytest.warns(UserWarning, match=r"dropped 2 of 5 pairs with tied scores .*rows \[1, 3\]"):
+        out = reward_augment(rows, template="s={score:g}")
+    assert len(out) == 6
+    assert [row["chosen"] for row in out[::2]] == [rows[i]["chosen"] for i in (0, 2, 4)]
 
 
 # --- self-critique pairs -------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ pass with a stand-in partitioner. GPU (`gpu`, 2 devices): accelerate's FSDP2 and
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import subprocess
@@ -242,6 +243,12 @@ def test_fully_shard_sr_dpo_step_matches_single_process(tmp_path):
         _assert_same_parameters(multi_state[kind], single_state[kind], kind)
 
 
+class _ParamStatus(enum.Enum):
+    """The states of ``deepspeed.runtime.zero.partition_parameters.ZeroParamStatus`` the fake uses."""
+    AVAILABLE = 1
+    NOT_AVAILABLE = 2
+
+
 class _FakeZero3:
     """Stands in for ``deepspeed``: ``partition`` empties each parameter (keeping its data aside) and tags it with
     ``ds_id`` as ZeRO-3 does; ``zero.GatheredParameters`` restores the data of the parameters it is given for the
@@ -256,6 +263,7 @@ class _FakeZero3:
     def partition(self, model: torch.nn.Module) -> None:
         for index, param in enumerate(model.parameters()):
             param.ds_id = index
+            param.ds_status = _ParamStatus.NOT_AVAILABLE
             self.stash[index] = param.data
             param.data = torch.empty(0, dtype=param.dtype)
 
@@ -265,12 +273,12 @@ class _FakeZero3:
         params = list(params)
         self.calls.append(len(params))
         for param in params:
-            param.data = self.stash[param.ds_id]
+            param.data, param.ds_status = self.stash[param.ds_id], _ParamStatus.AVAILABLE
         try:
             yield
         finally:
             for param in params:
-                param.data = torch.empty(0, dtype=param.dtype)
+                param.data, param.ds_status = torch.empty(0, dtype=param.dtype), _ParamStatus.NOT_AVAILABLE
 
 
 def test_prefix_kv_gathers_zero3_partitioned_weights(monkeypatch):
@@ -325,3 +333,28 @@ def test_gpu_engines_match_single_process(tmp_path, engine):
             error = (multi_params[name] - value).abs().max().item()
             assert error <= 1e-5 * (value.abs().max().item() + 1e-12) + 1e-6, (combo, name, error)
         assert len(list((multi / combo / "ref_cache").glob("*.safetensors"))) == 2, combo
+
+
+def test_zero3_gathers_nest_and_the_reference_fingerprint_reads_whole_weights(monkeypatch):
+    """reference_fingerprint of a ZeRO-3-partitioned model equals the whole model's (a shard's would differ),
+    and a prefix pass inside an enclosing gather (the reference precompute's) gathers nothing more and leaves the
+    weights whole: an inner gather that freed them would break the rest of the enclosing block."""
+    from fastpref.model.prefix_kv import gathered_parameters
+    from fastpref.trainer.models import reference_fingerprint
+    from fastpref.trainer.ref_store import model_fingerprint
+
+    torch.manual_seed(0)
+    model = build_model("tiny-llama", vocab_size=97)
+    whole = reference_fingerprint(model, None)
+    fake = _FakeZero3()
+    fake.partition(model)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    assert model_fingerprint(model) != whole
+    assert reference_fingerprint(model, None) == whole
+    reference = build_model("tiny-llama", vocab_size=97)
+    assert reference_fingerprint(model, reference) == model_fingerprint(reference)
+    with gathered_parameters(model):
+        compute_prefix_kv(model, [1, 2, 3])
+        assert all(p.numel() > 0 for p in model.parameters())
+    assert fake.calls == [len(fake.stash)] * 2   # the fingerprint's gather and the enclosing one, nothing nested
+    assert all(p.numel() == 0 for p in model.parameters())

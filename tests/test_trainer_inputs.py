@@ -188,6 +188,39 @@ def test_refinement_prefix_is_p_not_the_datas_common_start(tmp_path):
     assert got["eval_refine/delta_mean"] == pytest.approx(want["eval_refine/delta_mean"], rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.parametrize("system", [False, True])
+def test_refinement_before_conversation_cached_equals_uncached(tmp_path, system):
+    """Multi-turn prompts with p before the conversation: the cached prefix applies (with a system message first
+    too) and gives the loss and Δ of the uncached augmented pass."""
+    from datasets import Dataset
+
+    opening = [{"role": "system", "content": "Be brief."}] if system else []
+    rows = [{"prompt": [*opening, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                        {"role": "user", "content": row["prompt"]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in demo_rows("train", 6)]
+
+    def trainer(cache_prefix):
+        return PreferenceTrainer(tiny_model(), args=config(tmp_path, loss_type="sr_dpo", cache_refinement_prefix=
+                                                           cache_prefix, refinement_position="before_conversation"),
+                                 train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows),
+                                 processing_class=TOKENIZER)
+
+    cached, whole = trainer(True), trainer(False)
+    assert cached._aug_prefix is not None and whole._aug_prefix is None
+    for run in (cached, whole):   # the same step away from the reference in both, so that Δ is not 0
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for parameter in run.model.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    got, want = cached.evaluate(), whole.evaluate()
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5, abs=1e-6)
+    assert got["eval_refine/delta_mean"] == pytest.approx(want["eval_refine/delta_mean"], rel=1e-4, abs=1e-5)
+    assert abs(got["eval_refine/delta_mean"]) > 0
+    with pytest.raises(ValueError, match="refinement_position"):
+        config(tmp_path, refinement_position="first")
+
+
 def test_eval_data_that_moves_p_is_refused_with_the_cause(tmp_path):
     from datasets import Dataset
 

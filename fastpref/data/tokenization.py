@@ -7,8 +7,10 @@ Like TRL, the prompt ends where the tokenized prompt and prompt+response diverge
 boundary), so prompt ⊕ response is exactly the tokenization of the whole text.
 
 Sr-DPO's augmented prompt p ⊕ x: the refinement prompt p is placed before the query x — for standard data in
-front of the prompt text; for conversational data at the start of the last user message (the query), inside
-that user turn. The responses are the same token ids as in the plain pair.
+front of the prompt text; for conversational data, per ``refinement_position``, at the start of the last user
+message (``"last_user_turn"``: the query, inside that user turn) or at the start of the first message
+(``"before_conversation"``: before the whole multi-turn conversation, as the paper does for multi-turn text).
+The responses are the same token ids as in the plain pair.
 
 Truncation, so that prompt + longer response ≤ ``max_length`` (the prompt is shared by both responses):
 
@@ -38,6 +40,8 @@ from fastpref.data.token_weights import (SEGMENT_COLUMNS, SIDES, TOKEN_WEIGHT_CO
 #: Truncation modes of :func:`tokenize_pair` and ``PreferenceConfig.truncation_mode``; the first is TRL 1.16's
 #: ``DPOConfig`` default.
 TRUNCATION_MODES = ("keep_start", "keep_end")
+#: Where Sr-DPO's refinement prompt goes in a conversational prompt (``PreferenceConfig.refinement_position``).
+REFINEMENT_POSITIONS = ("last_user_turn", "before_conversation")
 # Queries that differ in their first character: the tokens their augmented prompts share are p's and the
 # template's (a token that merges p's end with the query differs between them).
 _PROBE_QUERIES = ("0", "a", "Z", "?", "(", " x", "\n", "\u00e9")
@@ -87,13 +91,13 @@ def _augment_text(refinement_prompt: str, query: str) -> str:
     return refinement_prompt + joiner + query
 
 
-def _augment_messages(refinement_prompt: str, messages: list[dict]) -> list[dict]:
+def _augment_messages(refinement_prompt: str, messages: list[dict], position: str) -> list[dict]:
     users = [i for i, message in enumerate(messages) if message.get("role") == "user"]
     if not users:
         raise ValueError("refinement_prompt: the conversational prompt has no user message to put it in")
-    query = users[-1]
+    target = users[-1] if position == "last_user_turn" else 0
     augmented = [dict(message) for message in messages]
-    augmented[query]["content"] = _augment_text(refinement_prompt, messages[query]["content"])
+    augmented[target]["content"] = _augment_text(refinement_prompt, messages[target]["content"])
     return augmented
 
 
@@ -102,26 +106,34 @@ def _render(tokenizer, messages: list[dict], *, generation_prompt: bool) -> list
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _augmented_prompt(tokenizer, refinement_prompt: str, prompt: str | list[dict]) -> list[int]:
+def _augmented_prompt(tokenizer, refinement_prompt: str, prompt: str | list[dict],
+                      position: str = REFINEMENT_POSITIONS[0]) -> list[int]:
     """Token ids of p ⊕ x for a standard (string) or conversational (messages) prompt, untruncated."""
     if isinstance(prompt, str):
         return tokenizer(_augment_text(refinement_prompt, prompt))["input_ids"]
-    return _render(tokenizer, _augment_messages(refinement_prompt, prompt), generation_prompt=True)
+    return _render(tokenizer, _augment_messages(refinement_prompt, prompt, position), generation_prompt=True)
 
 
-def refinement_prefix_ids(tokenizer, refinement_prompt: str, *, conversational: bool = False) -> list[int]:
+def refinement_prefix_ids(tokenizer, refinement_prompt: str, *, conversational: bool = False,
+                          first_role: str = "user") -> list[int]:
     """The token ids every augmented prompt of :func:`tokenize_pair` starts with: the fixed template tokens before
-    the refinement prompt p (a bos; for conversational data the chat template's opening of a first user turn) and
-    p's tokens, without a last token that merges with the query. Computed from the tokenizer and p alone (the
-    common prefix of the augmented prompts of queries that differ in their first character), never from data."""
+    the refinement prompt p (a bos; for conversational data the chat template's opening of a first turn of
+    ``first_role``) and p's tokens, without a last token that merges with the query. Computed from the tokenizer
+    and p alone (the common prefix of the augmented prompts of queries that differ in their first character),
+    never from data. ``first_role="system"`` gives the prefix of ``refinement_position="before_conversation"``
+    prompts that open with a system message."""
     def probe(query: str):
-        return [{"role": "user", "content": query}] if conversational else query
+        if not conversational:
+            return query
+        opening = [{"role": first_role, "content": query}]
+        return opening if first_role == "user" else [*opening, {"role": "user", "content": "q"}]
 
-    augmented = [_augmented_prompt(tokenizer, refinement_prompt, probe(q)) for q in _PROBE_QUERIES]
+    position = "before_conversation" if first_role != "user" else REFINEMENT_POSITIONS[0]
+    augmented = [_augmented_prompt(tokenizer, refinement_prompt, probe(q), position) for q in _PROBE_QUERIES]
     return augmented[0][:shared_prefix_length(augmented)]
 
 
-def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None):
+def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None, position: str):
     """(prompt ids, prompt+chosen ids, prompt+rejected ids, augmented prompt ids or None), untruncated."""
     prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
     if is_conversational(example):
@@ -134,7 +146,8 @@ def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None):
         ids = (_render(tokenizer, prompt, generation_prompt=True),
                _render(tokenizer, prompt + chosen, generation_prompt=False),
                _render(tokenizer, prompt + rejected, generation_prompt=False))
-        aug = None if refinement_prompt is None else _augmented_prompt(tokenizer, refinement_prompt, prompt)
+        aug = None if refinement_prompt is None else _augmented_prompt(tokenizer, refinement_prompt, prompt,
+                                                                       position)
         return (*ids, aug)
     for key in ("prompt", "chosen", "rejected"):
         if not isinstance(example[key], str):
@@ -176,25 +189,29 @@ def _augmented_kept(plain: list[int], aug: list[int], kept: range) -> list[int]:
 
 def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str | None = None,
                   max_length: int | None = 1024, max_prompt_length: int | None = None,
-                  truncation_mode: str = TRUNCATION_MODES[0], assistant_only: bool = False) -> dict[str, list[int]]:
+                  truncation_mode: str = TRUNCATION_MODES[0], assistant_only: bool = False,
+                  refinement_position: str = REFINEMENT_POSITIONS[0]) -> dict[str, list[int]]:
     """Tokenize a preference example (standard or conversational, explicit or implicit prompt).
 
     Returns ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` (lists of int; the sequences are
     prompt ⊕ chosen and prompt ⊕ rejected), plus ``aug_prompt_input_ids`` (p ⊕ x) when ``refinement_prompt``
-    is given, plus ``chosen_token_weights``/``rejected_token_weights`` (cut with their tokens) when the example has
-    token-weight or segment columns (:mod:`fastpref.data.token_weights`) or ``assistant_only`` is set (conversational
-data: weight 0 on the tokens each non-assistant turn of a response renders, times any given weights).
-Truncation: see the module docstring. Raises ``ValueError`` naming the problem for an empty
+    is given, placed per ``refinement_position``, plus ``chosen_token_weights``/``rejected_token_weights`` (cut
+    with their tokens) when the example has token-weight or segment columns (:mod:`fastpref.data.token_weights`)
+    or ``assistant_only`` is set (conversational data: weight 0 on the tokens each non-assistant turn of a response
+    renders, times any given weights). Truncation: see the module docstring. Raises ``ValueError`` naming the
+    problem for an empty
     prompt or an empty response (before or after truncation) and for bad arguments.
     """
     if truncation_mode not in TRUNCATION_MODES:
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if refinement_position not in REFINEMENT_POSITIONS:
+        raise ValueError(f"refinement_position must be one of {REFINEMENT_POSITIONS}, got {refinement_position!r}")
     for name, value, least in (("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1)):
         if value is not None and (not isinstance(value, int) or value < least):
             raise ValueError(f"{name} must be None or an int >= {least}, got {value!r}")
     if refinement_prompt is not None and (not isinstance(refinement_prompt, str) or not refinement_prompt):
         raise ValueError(f"refinement_prompt must be None or a non-empty string, got {refinement_prompt!r}")
-    split = split_pair(example, tokenizer, refinement_prompt)
+    split = split_pair(example, tokenizer, refinement_prompt, refinement_position)
     prompt, chosen, rejected = split.prompt_full[:split.prompt_len], split.chosen, split.rejected
     kept, chosen, rejected = _truncate(prompt, chosen, rejected, max_length, max_prompt_length, truncation_mode)
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
@@ -222,11 +239,13 @@ class SplitPair(NamedTuple):
     aug_full: list[int] | None
 
 
-def split_pair(example: dict[str, Any], tokenizer, refinement_prompt: str | None) -> SplitPair:
+def split_pair(example: dict[str, Any], tokenizer, refinement_prompt: str | None,
+               refinement_position: str = REFINEMENT_POSITIONS[0]) -> SplitPair:
     """``example`` (prompt extracted) tokenized and split into prompt and responses, untruncated; ValueError for an
     empty prompt or response."""
     example = extract_prompt(example)
-    prompt_full, chosen_full, rejected_full, aug_full = _tokenize_texts(example, tokenizer, refinement_prompt)
+    prompt_full, chosen_full, rejected_full, aug_full = _tokenize_texts(example, tokenizer, refinement_prompt,
+                                                                        refinement_position)
     prompt_len = min(shared_prefix_length([prompt_full, full]) for full in (chosen_full, rejected_full))
     if prompt_len == 0:
         raise ValueError("empty prompt: the first response token needs a prompt token to predict it "

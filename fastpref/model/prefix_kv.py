@@ -59,15 +59,18 @@ def check_cache_forward(model: torch.nn.Module) -> None:
 
 
 def _zero3_partitioned(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters DeepSpeed ZeRO-3 partitioned (it tags each with ``ds_id``)."""
-    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+    """The parameters DeepSpeed ZeRO-3 partitioned (it tags each with ``ds_id``) and that are not gathered now
+    (``ds_status`` other than ``AVAILABLE``)."""
+    return [p for p in model.parameters()
+            if hasattr(p, "ds_id") and getattr(getattr(p, "ds_status", None), "name", None) != "AVAILABLE"]
 
 
 def gathered_parameters(model: torch.nn.Module) -> contextlib.AbstractContextManager:
     """Whole ZeRO-3-partitioned parameters of ``model`` inside the block (read-only), else a no-op.
 
     DeepSpeed marks partitioned parameters with ``ds_id``; ``deepspeed.zero.GatheredParameters`` all-gathers
-    them (every rank holds the full weights for the block) and frees the copies on exit."""
+    them (every rank holds the full weights for the block) and frees the copies on exit. Parameters already
+    gathered (an enclosing block) are left alone, so blocks nest: the inner one does not free the outer's."""
     partitioned = _zero3_partitioned(model)
     if not partitioned:
         return contextlib.nullcontext()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
-from fastpref.data.tokenization import TRUNCATION_MODES
+from fastpref.data.tokenization import REFINEMENT_POSITIONS, TRUNCATION_MODES
 from fastpref.losses.listwise import LISTWISE_LOSS_TYPES
 from fastpref.losses.scores import TAU_MODES, check_score_range
 from fastpref.losses.table import REFINED_LOSS_TYPES, REFINEMENTS
@@ -61,7 +61,7 @@ class PreferenceConfig(TrainingArguments):
     type of :func:`fastpref.listwise_loss`, ``plackett_luce`` / ``lambda_rank``, on ranked data), ``loss_weights``,
     ``beta``, ``label_smoothing``, ``ld_alpha`` (LD-DPO token weights), ``use_weighting`` (WPO pair weights),
     ``discopop_tau``, ``f_divergence_type``/``f_alpha_divergence_coef``, ``simpo_gamma``,
-    ``refine_lambda``/``refinement``/``refinement_prompt`` (Sr-DPO/Sr-IPO),
+    ``refine_lambda``/``refinement``/``refinement_prompt``/``refinement_position`` (Sr-DPO/Sr-IPO),
     ``odpo_alpha`` (ODPO offsets from score columns), ``tau_mode``/``score_temperature``/``score_range`` (rDPO τ from score
     columns, :func:`fastpref.losses.tau_from_scores`, per batch at loss time: the reference log-probs and so the
     reference-cache fingerprint do not depend on them).
@@ -149,6 +149,11 @@ class PreferenceConfig(TrainingArguments):
                                     "choices": list(REFINEMENTS)})
     refinement_prompt: str = field(
         default=SR_DPO_REFINEMENT_PROMPT, metadata={"help": "Refinement prompt p placed before the query."})
+    refinement_position: str = field(
+        default="last_user_turn", metadata={"help": "Where p goes in conversational prompts: 'last_user_turn' (before "
+                                                    "the query, inside its turn) or 'before_conversation' (at the "
+                                                    "start of the first message, before the whole conversation).",
+                                            "choices": list(REFINEMENT_POSITIONS)})
     refine_lambda: float = field(default=0.5, metadata={"help": "λ weighting the refinement term Δ."})
     cache_refinement_prefix: bool = field(
         default=True, metadata={"help": "Compute the keys/values of the refinement prompt (the token prefix every "
@@ -195,6 +200,9 @@ class PreferenceConfig(TrainingArguments):
             raise ValueError(f"score_temperature must be finite and > 0, got {self.score_temperature}")
         if self.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
+        if self.refinement_position not in REFINEMENT_POSITIONS:
+            raise ValueError(f"refinement_position must be one of {REFINEMENT_POSITIONS}, "
+                             f"got {self.refinement_position!r}")
         if self.ref_cache_on_mismatch not in MISMATCH_POLICIES:
             raise ValueError(f"ref_cache_on_mismatch must be one of {MISMATCH_POLICIES}, "
                              f"got {self.ref_cache_on_mismatch!r}")

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, set_seed
 
 from fastpref.model.head import unwrap_causal_lm
+from fastpref.model.prefix_kv import gathered_parameters
 from fastpref.model.tree_stream import attention_mask_for, build_tree_batch
 from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.ref_store import model_fingerprint
@@ -87,7 +88,13 @@ def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
 
 def reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
     """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters, or
-    with the frozen :data:`REFERENCE_ADAPTER` copy when it has one)."""
+    with the frozen :data:`REFERENCE_ADAPTER` copy when it has one). ZeRO-3-partitioned weights are gathered
+    for it (a shard would fingerprint one rank's slice)."""
+    with gathered_parameters(policy if ref_model is None else ref_model):
+        return _reference_fingerprint(policy, ref_model)
+
+
+def _reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
     if ref_model is not None:
         return model_fingerprint(ref_model)
     if is_peft_model(policy) and REFERENCE_ADAPTER in policy.peft_config:

@@ -32,8 +32,13 @@ def refinement_prefix(model, tokenizer, args: PreferenceConfig, *datasets) -> tu
     prompts = _aug_prompts(datasets)
     if not prompts:
         return None
-    formats = (False, True) if getattr(tokenizer, "chat_template", None) else (False,)
-    candidates = [refinement_prefix_ids(tokenizer, args.refinement_prompt, conversational=c) for c in formats]
+    formats = [(False, "user")]
+    if getattr(tokenizer, "chat_template", None):
+        formats.append((True, "user"))
+        if args.refinement_position == "before_conversation":
+            formats.append((True, "system"))
+    candidates = [refinement_prefix_ids(tokenizer, args.refinement_prompt, conversational=c, first_role=role)
+                  for c, role in formats]
     prefix = next((c for c in candidates if c and _fits(prompts, c)), None)
     if prefix is None:
         warnings.warn("refinement prefix not cached: not every augmented prompt starts with the refinement prompt's "

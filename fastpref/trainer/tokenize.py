@@ -55,7 +55,8 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
             try:
                 out = tokenize_pair(example, tokenizer, refinement_prompt=refinement_prompt,
                                     max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                                    truncation_mode=args.truncation_mode, assistant_only=args.assistant_only)
+                                    truncation_mode=args.truncation_mode, assistant_only=args.assistant_only,
+                                    refinement_position=args.refinement_position)
             except ValueError as error:
                 if _DROPPABLE not in str(error):
                     raise ValueError(f"{name} row {row}: {error}") from error

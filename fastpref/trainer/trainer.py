@@ -25,7 +25,8 @@ from fastpref.losses import listwise_loss, odpo_offset, preference_loss, tau_fro
 from fastpref.losses.listwise import LISTWISE_LOSS_TYPES
 from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
-from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
+from fastpref.model.prefix_kv import (PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward,
+                                      gathered_parameters)
 from fastpref.model.tree_logps import tree_forward_inputs
 from fastpref.trainer.checkpoints import last_complete_checkpoint
 from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_batch
@@ -263,7 +264,8 @@ class PreferenceTrainer(Trainer):
 
     def _compute_reference(self, dataset, stream: str, name: str) -> dict[str, torch.Tensor]:
         self.reference_passes += 1
-        with self._reference_context() as model:
+        # Under ZeRO-3 with zero3_init_flag the weights are partitioned before any engine hooks gather them.
+        with self._reference_context() as model, gathered_parameters(self.accelerator.unwrap_model(model)):
             cached = self._prefix_kv(model, reference=True) if stream else None
             return compute_reference_logps(
                 dataset, self.data_collator, self._reference_batch_size, self.accelerator,
