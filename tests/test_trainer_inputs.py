@@ -313,3 +313,18 @@ def test_identical_pairs_dropped_and_empty_responses_warned(tmp_path):
     with pytest.raises(ValueError, match=r"no pairs left: all 3 train pairs have chosen == rejected"):
         PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(same),
                           processing_class=TOKENIZER)
+
+
+def test_each_eval_dataset_of_a_dict_logs_its_own_metrics(tmp_path):
+    """With eval_dataset={"a": …, "b": …} every fastpref metric is named per dataset (eval_a_rewards/…), as the
+    loss is; the same prefix for both would let the last dataset overwrite the first's figures."""
+    first, second = demo_rows("test", 8).select(range(4)), demo_rows("test", 8).select(range(4, 8))
+    trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=demo_rows("train", 4),
+                                eval_dataset={"a": first, "b": second}, processing_class=TOKENIZER)
+    metrics = trainer.evaluate()
+    for name in ("a", "b"):
+        assert f"eval_{name}_rewards/margins" in metrics and f"eval_{name}_loss" in metrics
+    assert not any(key.startswith("eval_rewards") for key in metrics)
+    alone = trainer.evaluate(eval_dataset=second, metric_key_prefix="eval_b")
+    assert alone["eval_b_rewards/margins"] == pytest.approx(metrics["eval_b_rewards/margins"], rel=1e-6)
+    assert metrics["eval_a_logps/chosen"] != metrics["eval_b_logps/chosen"]  # the datasets differ

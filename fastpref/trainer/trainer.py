@@ -102,6 +102,7 @@ class PreferenceTrainer(Trainer):
                          eval_dataset=eval_dataset, processing_class=tokenizer, **kwargs)
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+        self._eval_prefix = "eval"  # the metric_key_prefix of the evaluate() running now (one per eval dataset)
         self.reference_passes = 0
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
@@ -395,7 +396,7 @@ class PreferenceTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode].compute(reduce_sum=lambda t: self.accelerator.reduce(t, "sum"))
         if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+            metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         super().log(logs, start_time)
 
@@ -409,8 +410,12 @@ class PreferenceTrainer(Trainer):
                 check_refinement_prefix(part, self._aug_prefix, f"eval {key}".strip())
             if self._needs_reference and self.args.precompute_ref_log_probs:
                 eval_dataset = self._attach_all(eval_dataset, "eval")
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
-                                metric_key_prefix=metric_key_prefix)
+        outer_prefix, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = outer_prefix
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
