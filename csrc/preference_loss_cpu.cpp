@@ -25,11 +25,13 @@ namespace {
 // ---- the layout (fastpref/losses/table.py: LOSS_DEFINITIONS order, PAIR_SLOTS, SCALARS, F_DIVERGENCES) --------
 enum LossCode : int64_t {
   SIGMOID = 0, HINGE, IPO, SIGMOID_NORM, ROBUST, EXO_PAIR, NCA_PAIR, BCO_PAIR, SPPO_HARD, AOT, AOT_UNPAIRED,
-  APO_ZERO, APO_DOWN, DISCOPOP, SFT, CDPO, SIMPO, ODPO, RDPO, SR_DPO, SR_IPO, NUM_CODES
+  APO_ZERO, APO_DOWN, DISCOPOP, SFT, CDPO, SIMPO, ODPO, RDPO, SR_DPO, SR_IPO, ORPO, ASFT,
+  IPO_SUM, NUM_CODES
 };
 const char* const kLossNames[NUM_CODES] = {
     "sigmoid", "hinge", "ipo", "sigmoid_norm", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "cdpo", "simpo", "odpo", "rdpo", "sr_dpo", "sr_ipo"};
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "cdpo", "simpo", "odpo", "rdpo", "sr_dpo", "sr_ipo",
+    "orpo", "asft", "ipo_sum"};
 
 enum Slot : int {
   CHOSEN = 0, REJECTED, REF_CHOSEN, REF_REJECTED, CHOSEN_COUNTS, REJECTED_COUNTS, DELTA, TAU, OFFSET, WEIGHTS,
@@ -234,7 +236,13 @@ inline void logit_loss(int64_t code, real z, const Pair<real>& v, const Settings
       phi = v.tau * softplus(-z) + (real(1) - v.tau) * softplus(z);
       dphi = (real(1) - v.tau) * sigmoid(z) - v.tau * sigmoid(-z);
       return;
-    case IPO: case SR_IPO: {
+    case ORPO: {
+      const real b = real(p.beta);
+      phi = b * softplus(-z);
+      dphi = -b * sigmoid(-z);
+      return;
+    }
+    case IPO: case SR_IPO: case IPO_SUM: {
       const real u = z - real(p.ipo_target);
       phi = u * u;
       dphi = 2 * u;
@@ -274,6 +282,18 @@ inline void reward_loss(int64_t code, real x, real y, const Settings& p, real& l
   }
 }
 
+// Log odds L = m − log(1 − eᵐ) of the mean token log-prob m = logps/n (capped at kMaxMeanLogp: m = 0 is +∞), as
+// log(−expm1(m)), and dL/d(logps) = 1/(n·(1 − eᵐ)), 0 above the cap (fastpref/losses/table.py: MAX_MEAN_LOGP).
+constexpr double kMaxMeanLogp = -1e-6;
+template <typename real>
+inline void log_odds(real logps, real n, real& odds, real& d_odds) {
+  const real raw = logps / n, cap = real(kMaxMeanLogp);
+  const real m = std::min(raw, cap);
+  const real one_minus = -std::expm1(m);
+  odds = m - std::log(one_minus);
+  d_odds = raw > cap ? real(0) : real(1) / (n * one_minus);
+}
+
 template <typename real>
 inline Term<real> pair_term(int64_t code, const Pair<real>& v, const Settings& p) {
   Term<real> t;
@@ -284,6 +304,15 @@ inline Term<real> pair_term(int64_t code, const Pair<real>& v, const Settings& p
     reward_loss(code, c * v.r_w, c * v.r_l, p, t.loss, dx, dy);
     t.d_cw = c * dx; t.d_rw = -c * dx;
     t.d_cl = c * dy; t.d_rl = -c * dy;
+    return t;
+  }
+  if (code == ASFT) {  // sp(−x) + sp(y) on x = β·L_w, y = β·L_l: bco_pair's form, reference-free
+    real lw, dlw, ll, dll, dx, dy;
+    log_odds(v.cw, v.n_w, lw, dlw);
+    log_odds(v.cl, v.n_l, ll, dll);
+    reward_loss(BCO_PAIR, b * lw, b * ll, p, t.loss, dx, dy);
+    t.d_cw = b * dlw * dx;
+    t.d_cl = b * dll * dy;
     return t;
   }
   // logit-shaped: z = Σ of coefficients × inputs; dz_* are ∂z/∂(chosen, rejected, ref_chosen, ref_rejected)
@@ -304,6 +333,19 @@ inline Term<real> pair_term(int64_t code, const Pair<real>& v, const Settings& p
     case SR_DPO:
       z = b * (v.r_w - v.r_l) - lam * v.delta - v.offset;
       dz_cw = b; dz_rw = -b; dz_cl = -b; dz_rl = b;
+      break;
+    case ORPO: {
+      real lw, dlw, ll, dll;
+      log_odds(v.cw, v.n_w, lw, dlw);
+      log_odds(v.cl, v.n_l, ll, dll);
+      z = lw - ll;
+      dz_cw = dlw; dz_cl = -dll; dz_rw = 0; dz_rl = 0;
+      break;
+    }
+    case IPO_SUM:
+      z = v.s_w - v.s_l;
+      dz_cw = v.ds_w; dz_rw = -dz_cw;
+      dz_cl = -v.ds_l; dz_rl = -dz_cl;
       break;
     case SR_IPO:
       z = (v.r_w - v.r_l) - lam * v.delta;

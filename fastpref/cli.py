@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -326,6 +327,17 @@ def error_line(command: str, error: BaseException) -> str:
     return f"fastpref {command}: error: {message} (--debug shows the traceback)"
 
 
+def _show_info_lines() -> None:
+    """fastpref's info lines (reference-cache reuse, written files) on stderr, once per process."""
+    logger = logging.getLogger("fastpref")
+    logger.setLevel(logging.INFO)
+    if not any(getattr(handler, "_fastpref_cli", False) for handler in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._fastpref_cli = True
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = argv[:1] == ["--debug"]
@@ -339,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rest, debug_here = pop_debug(rest, command)
+    _show_info_lines()
     try:
         return HANDLERS[command](rest)
     except USER_ERRORS as error:

@@ -19,6 +19,7 @@ import time
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 DEFAULT_STEPS = {"cpu": 300, "cuda": 1000}
 WARMUP_STEPS = 5  # step times before this are excluded (allocator, thread pools, first-call overheads)
@@ -44,6 +45,34 @@ class StepTimer(TrainerCallback):
     def median(self) -> float:
         timed = self.durations[WARMUP_STEPS:] or self.durations
         return statistics.median(timed)
+
+
+class LogTable(TrainerCallback):
+    """The training logs of one run as a labelled table with aligned columns (in place of the raw dicts)."""
+
+    COLUMNS = (("loss", "loss"), ("rewards/accuracies", "accuracy"), ("rewards/margins", "margin"),
+               ("grad_norm", "grad norm"))
+
+    def __init__(self, label: str):
+        self.label = label
+        self._printed_header = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        if not self._printed_header:
+            print(f"\n{self.label} training log:\n  {'step':>6}" + "".join(f"{name:>11}" for _, name in self.COLUMNS),
+                  flush=True)
+            self._printed_header = True
+        print(f"  {state.global_step:>6}" + "".join(f"{logs.get(key, float('nan')):>11.4f}" for key, _ in self.COLUMNS),
+              flush=True)
+
+
+def _labelled(trainer, label: str):
+    """``trainer`` printing its training logs as a :class:`LogTable` under ``label``."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LogTable(label))
+    return trainer
 
 
 def _config(loss_type: str, steps: int, batch_size: int, device: str, cache_dir: str, output_dir: str, seed: int):
@@ -115,7 +144,7 @@ def _train_and_report(device: str, model_name: str, steps: int, dpo_steps: int, 
                                callbacks=[sr_timer])
         precompute = time.perf_counter() - precompute_started
         before = _held_out(sr.evaluate())
-        sr.train()
+        _labelled(sr, "Sr-DPO").train()
         after = _held_out(sr.evaluate())
 
         dpo_timer = StepTimer()
@@ -123,7 +152,7 @@ def _train_and_report(device: str, model_name: str, steps: int, dpo_steps: int, 
                                                                      cache_dir, output_dir, seed),
                                 train_dataset=train, eval_dataset=held_out, processing_class=tokenizer,
                                 callbacks=[dpo_timer])
-        dpo.train()
+        _labelled(dpo, "DPO").train()
         dpo_after = _held_out(dpo.evaluate())
 
     sr_step, dpo_step = sr_timer.median(), dpo_timer.median()

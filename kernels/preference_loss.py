@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastpref.losses.table import F_DIVERGENCES, LOSS_CODES, PAIR_SLOTS
+from fastpref.losses.table import MAX_MEAN_LOGP as MAX_MEAN_LOGP_VALUE
 
 SIGMOID = tl.constexpr(LOSS_CODES["sigmoid"])
 HINGE = tl.constexpr(LOSS_CODES["hinge"])
@@ -44,6 +45,10 @@ SIMPO = tl.constexpr(LOSS_CODES["simpo"])
 RDPO = tl.constexpr(LOSS_CODES["rdpo"])
 SR_DPO = tl.constexpr(LOSS_CODES["sr_dpo"])
 SR_IPO = tl.constexpr(LOSS_CODES["sr_ipo"])
+ORPO = tl.constexpr(LOSS_CODES["orpo"])
+ASFT = tl.constexpr(LOSS_CODES["asft"])
+IPO_SUM = tl.constexpr(LOSS_CODES["ipo_sum"])
+MAX_MEAN_LOGP = tl.constexpr(MAX_MEAN_LOGP_VALUE)
 
 FORWARD_KL = tl.constexpr(F_DIVERGENCES.index("forward_kl"))
 JS_DIVERGENCE = tl.constexpr(F_DIVERGENCES.index("js_divergence"))
@@ -130,7 +135,9 @@ def _logit_loss(CODE: tl.constexpr, z, tau, settings):
         return keep * _softplus(-z) + flip * _softplus(z), flip * _sigmoid(z) - keep * _sigmoid(-z)
     elif CODE == RDPO:
         return tau * _softplus(-z) + (1.0 - tau) * _softplus(z), (1.0 - tau) * _sigmoid(z) - tau * _sigmoid(-z)
-    elif (CODE == IPO) or (CODE == SR_IPO):
+    elif CODE == ORPO:
+        return _b * _softplus(-z), -_b * _sigmoid(-z)
+    elif (CODE == IPO) or (CODE == SR_IPO) or (CODE == IPO_SUM):
         u = z - ipo_target
         return u * u, 2.0 * u
     else:  # SIGMOID, SIGMOID_NORM, ODPO, SR_DPO
@@ -157,6 +164,23 @@ def _reward_loss(CODE: tl.constexpr, x, y, ipo_target):
 
 
 @triton.jit
+def _log_odds(logps, n):
+    """L = m − log(1 − eᵐ), m = logps/n capped at MAX_MEAN_LOGP (m = 0 is +∞), and dL/d(logps) (0 above the cap);
+    1 − eᵐ = −expm1(m), from e^(m/2)·2·sinh(−m/2) so it stays exact near m = 0 in float32."""
+    raw = logps / n
+    m = tl.minimum(raw, MAX_MEAN_LOGP)
+    one_minus = tl.where(m > -0.5, -2.0 * tl.exp(0.5 * m) * _sinh(0.5 * m), 1.0 - tl.exp(m))
+    return m - tl.log(one_minus), tl.where(raw > MAX_MEAN_LOGP, 0.0, 1.0 / (n * one_minus))
+
+
+@triton.jit
+def _sinh(x):
+    """sinh(x) for |x| ≤ ¼ by its Taylor series to x⁹ (relative error below float32's)."""
+    x2 = x * x
+    return x * (1.0 + x2 / 6.0 * (1.0 + x2 / 20.0 * (1.0 + x2 / 42.0 * (1.0 + x2 / 72.0))))
+
+
+@triton.jit
 def _pair_term(CODE: tl.constexpr, pair, settings):
     """ℓ of one pair type and ∂ℓ/∂(chosen, rejected, ref_chosen, ref_rejected)."""
     cw, cl, r_w, r_l, s_w, ds_w, s_l, ds_l, n_w, n_l, offset, tau, delta = pair
@@ -165,6 +189,11 @@ def _pair_term(CODE: tl.constexpr, pair, settings):
         c = 1.0 if CODE == SPPO_HARD else beta
         loss, dx, dy = _reward_loss(CODE, c * r_w, c * r_l, ipo_target)
         return loss, c * dx, c * dy, -c * dx, -c * dy
+    elif CODE == ASFT:  # sp(−x) + sp(y) on x = β·L_w, y = β·L_l: bco_pair's form, reference-free
+        l_w, dl_w = _log_odds(cw, n_w)
+        l_l, dl_l = _log_odds(cl, n_l)
+        loss, dx, dy = _reward_loss(BCO_PAIR, beta * l_w, beta * l_l, ipo_target)
+        return loss, beta * dl_w * dx, beta * dl_l * dy, 0.0 * dx, 0.0 * dy
     else:
         if (CODE == IPO) or (CODE == SIGMOID_NORM):
             c = 1.0 if CODE == IPO else beta
@@ -177,6 +206,15 @@ def _pair_term(CODE: tl.constexpr, pair, settings):
             z = beta * (cw / n_w - cl / n_l) - gamma - offset
             dz_cw = beta / n_w
             dz_cl = -beta / n_l
+        elif CODE == ORPO:
+            l_w, dz_cw = _log_odds(cw, n_w)
+            l_l, dl_l = _log_odds(cl, n_l)
+            z = l_w - l_l
+            dz_cl = -dl_l
+        elif CODE == IPO_SUM:
+            z = s_w - s_l
+            dz_cw = ds_w
+            dz_cl = -ds_l
         elif (CODE == SR_DPO) or (CODE == SR_IPO):
             c = beta if CODE == SR_DPO else 1.0
             z = c * (r_w - r_l) - lam * delta
@@ -189,7 +227,8 @@ def _pair_term(CODE: tl.constexpr, pair, settings):
             dz_cw = beta * ds_w
             dz_cl = -beta * ds_l
         phi, dphi = _logit_loss(CODE, z, tau, settings)
-        ref_factor = 0.0 if CODE == SIMPO else -1.0  # ∂z/∂ref = −∂z/∂policy, except reference-free simpo
+        ref_factor = 0.0 if (CODE == SIMPO) or (CODE == ORPO) else -1.0  # ∂z/∂ref = −∂z/∂policy, except the
+        # reference-free types
         return phi, dphi * dz_cw, dphi * dz_cl, ref_factor * dphi * dz_cw, ref_factor * dphi * dz_cl
 
 

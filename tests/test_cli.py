@@ -267,8 +267,27 @@ def test_demo_prints_its_summary(tmp_path, monkeypatch, capsys):
     figures = run_demo(steps=40, dpo_steps=20, cache_dir=str(tmp_path / "cache"))
     printed = capsys.readouterr().out
     assert "held-out accuracy" in printed and "Sr-DPO costs" in printed
+    assert "\nSr-DPO training log:" in printed and "\nDPO training log:" in printed and "{'loss'" not in printed
     assert figures["accuracy_before"] == 0.0 and figures["accuracy_after"] > 0.5
     assert figures["sr_dpo_step_s"] > 0 and figures["dpo_step_s"] > 0
+
+
+def test_demo_log_table_is_labelled_and_aligned(capsys):
+    """Each training log of the demo: a label, a header, one row per log of the same width as the header."""
+    from types import SimpleNamespace
+
+    from fastpref.demo import LogTable
+
+    table = LogTable("Sr-DPO")
+    for step, loss in ((10, 0.6931), (20, 12.5), (300, 0.0012)):
+        table.on_log(None, SimpleNamespace(global_step=step), None, logs={
+            "loss": loss, "rewards/accuracies": 0.5, "rewards/margins": -0.25, "grad_norm": 3.0})
+    table.on_log(None, SimpleNamespace(global_step=300), None, logs={"train_runtime": 1.0})  # no loss: no row
+    lines = capsys.readouterr().out.strip("\n").split("\n")
+    assert lines[0] == "Sr-DPO training log:" and lines[1].split() == ["step", "loss", "accuracy", "margin", "grad",
+                                                                       "norm"]
+    assert len(lines) == 5 and len({len(line) for line in lines[1:]}) == 1
+    assert lines[4].split() == ["300", "0.0012", "0.5000", "-0.2500", "3.0000"]
 
 
 def test_rounds_is_a_fastpref_command(capsys):

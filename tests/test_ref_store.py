@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -153,13 +154,14 @@ def test_names_separate_caches(tmp_path, parts):
 
 
 @pytest.mark.parametrize("changed", ["dataset", "max_length"])
-def test_mismatch_recomputes_or_raises(tmp_path, parts, changed):
+def test_mismatch_recomputes_or_raises(tmp_path, parts, changed, caplog):
     old_parts = fingerprint_parts(**parts)
     RefLogpsStore(tmp_path).save(fingerprint(**parts), _tensors(), parts=old_parts)
     new = {**parts, changed: "other"}
     new_fp, new_parts = fingerprint(**new), fingerprint_parts(**new)
-    with pytest.warns(RuntimeWarning, match=f"changed parts: {changed}; recomputing"):
+    with caplog.at_level(logging.INFO, logger="fastpref"):  # normal use (a new dataset): an info line
         assert RefLogpsStore(tmp_path).load(new_fp, parts=new_parts) is None
+    assert f"changed parts: {changed}; recomputing" in caplog.text
     with pytest.raises(StaleReferenceCacheError, match=f"changed parts: {changed}"):
         RefLogpsStore(tmp_path, on_mismatch="raise").load(new_fp, parts=new_parts)
     with pytest.raises(ValueError, match="on_mismatch"):

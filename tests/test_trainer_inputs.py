@@ -5,6 +5,7 @@ checkpoints skipped on resume."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -73,7 +74,7 @@ class _ScaledWeights:
         return batch
 
 
-def test_custom_collator_token_weights_key_the_reference_cache(tmp_path):
+def test_custom_collator_token_weights_key_the_reference_cache(tmp_path, caplog):
     """A second run whose collator supplies other token weights recomputes the reference log-probs (the cache is
     keyed by the weights used), and gets that collator's values; the same weights hit the cache."""
     rows = demo_rows("train", 8)
@@ -85,8 +86,9 @@ def test_custom_collator_token_weights_key_the_reference_cache(tmp_path):
 
     first, again = run(1.0, "shared"), run(1.0, "shared")
     assert (first.reference_passes, again.reference_passes) == (1, 0)
-    with pytest.warns(RuntimeWarning, match="changed parts: token_weights"):
+    with caplog.at_level(logging.INFO, logger="fastpref"):
         second = run(0.5, "shared")
+    assert "changed parts: token_weights" in caplog.text
     assert second.reference_passes == 1
     fresh = run(0.5, "fresh")
     torch.testing.assert_close(torch.tensor(second.train_dataset["ref_chosen_logps"]),
@@ -247,3 +249,34 @@ def test_every_pair_too_long_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"no pairs left.*max_length=16.*truncation_mode='keep_start'"):
         PreferenceTrainer(tiny_model(), args=config(tmp_path, max_length=16, truncation_mode="keep_start"),
                           train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+
+
+def test_identical_pairs_dropped_and_empty_responses_warned(tmp_path):
+    """chosen == rejected: dropped with one warning naming count and rows (kept with keep_identical_pairs); an
+    empty chosen: kept, one warning; all pairs identical: the 'no pairs left' error."""
+    rows = [{"prompt": f"question {i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(6)]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    rows[4]["rejected"] = rows[4]["chosen"]
+    rows[2]["chosen"] = ""
+    with pytest.warns(UserWarning) as record:
+        trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(rows),
+                                    processing_class=TOKENIZER)
+    messages = [str(w.message) for w in record]
+    assert [m for m in messages if "chosen == rejected" in m] == [
+        "train: dropped 2 of 6 pairs with chosen == rejected (rows 1, 4): they carry no preference signal "
+        "(keep_identical_pairs=True keeps them)"]
+    assert len([m for m in messages if "empty chosen response (rows 2)" in m]) == 1
+    assert trainer.train_dataset["example_index"] == list(range(4))
+    assert len(trainer.train_dataset) == 4
+    with pytest.warns(UserWarning, match=r"2 of 6 pairs have chosen == rejected \(rows 1, 4\); kept"):
+        kept = PreferenceTrainer(tiny_model(), args=config(tmp_path, keep_identical_pairs=True),
+                                 train_dataset=Dataset.from_list(rows), processing_class=TOKENIZER)
+    assert len(kept.train_dataset) == 6
+    long_first = [{"prompt": "a long question " * 40, "chosen": "yes", "rejected": "no"}, *rows]
+    with pytest.warns(UserWarning, match=r"dropped 2 of 6 pairs with chosen == rejected \(rows 2, 5\)"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path, max_length=64), train_dataset=Dataset.from_list(
+            long_first), processing_class=TOKENIZER)  # rows counted as given, the too-long row 0 included
+    same = [{"prompt": "q", "chosen": "a", "rejected": "a"} for _ in range(3)]
+    with pytest.raises(ValueError, match=r"no pairs left: all 3 train pairs have chosen == rejected"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(same),
+                          processing_class=TOKENIZER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import subprocess
@@ -73,7 +74,7 @@ def test_lora_sr_dpo_with_a_live_reference(tmp_path):
     assert live.reference_passes == 0 and len(_losses(live)) == 2
 
 
-def test_reference_cache_reused_across_runs(tmp_path):
+def test_reference_cache_reused_across_runs(tmp_path, caplog):
     """A second trainer on the same model and data runs no reference pass and gets the same columns; another
     model recomputes (with a warning) or, when asked, raises."""
     rows = demo_rows("train", 12)
@@ -89,9 +90,10 @@ def test_reference_cache_reused_across_runs(tmp_path):
                               processing_class=TOKENIZER)
     assert plain.reference_passes == 0  # DPO reuses the plain stream cached by the Sr-DPO run
 
-    with pytest.warns(RuntimeWarning, match="different fingerprint"):
+    with caplog.at_level(logging.INFO, logger="fastpref"):
         other = PreferenceTrainer(tiny_model(seed=1), args=config(tmp_path), train_dataset=rows,
                                   processing_class=TOKENIZER)
+    assert "different fingerprint" in caplog.text
     assert other.reference_passes == 1
     with pytest.raises(StaleReferenceCacheError):
         PreferenceTrainer(tiny_model(seed=2), args=config(tmp_path, ref_cache_on_mismatch="raise"),

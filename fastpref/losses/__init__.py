@@ -10,7 +10,7 @@ written independently; ``scores`` turns judge scores into ODPO offsets and rDPO'
 from fastpref.losses.api import preference_loss
 from fastpref.losses.table import (LOSS_DEFINITIONS, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES, REFINED_LOSS_TYPES,
                                    TRL_LOSS_TYPES, refinement_delta)
-from fastpref.losses.scores import bt_tau, odpo_offset
+from fastpref.losses.scores import TAU_MODES, bt_tau, odpo_offset, tau_from_scores
 from fastpref.losses.output import PreferenceLossOutput
 
 __all__ = [
@@ -24,4 +24,6 @@ __all__ = [
            "odpo_offset",
            "preference_loss",
            "refinement_delta",
+           "tau_from_scores",
+           "TAU_MODES",
 ]

@@ -162,12 +162,30 @@ def _sr_ipo(b: _Batch) -> Tensor:
     return (h - b.lam * b.delta - 1 / (2 * b.beta)) ** 2
 
 
+def _odds(logps: Tensor, n: Tensor) -> Tensor:
+    """log(p/(1 − p)) of the mean token probability p = e^m, m = logps/n capped at −1e-6 (m = 0 would be +∞)."""
+    m = torch.clamp(logps / n, max=-1e-6)
+    return m - torch.log(1 - torch.exp(m))
+
+
+def _orpo(b: _Batch) -> Tensor:
+    return -b.beta * F.logsigmoid(_odds(b.chosen, b.n_chosen) - _odds(b.rejected, b.n_rejected))
+
+
+def _asft(b: _Batch) -> Tensor:
+    return -F.logsigmoid(b.beta * _odds(b.chosen, b.n_chosen)) - F.logsigmoid(-b.beta * _odds(b.rejected, b.n_rejected))
+
+
+def _ipo_sum(b: _Batch) -> Tensor:
+    return (b.score_chosen - b.score_rejected - 1 / (2 * b.beta)) ** 2
+
+
 FORMULAS = {
     "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "sigmoid_norm": _sigmoid_norm, "robust": _robust,
     "exo_pair": _exo_pair, "nca_pair": _nca_pair, "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "aot": _aot,
     "aot_unpaired": _aot_unpaired, "apo_zero": _apo_zero, "apo_down": _apo_down, "discopop": _discopop,
     "sft": _sft, "cdpo": _cdpo, "simpo": _simpo, "odpo": _sigmoid, "rdpo": _rdpo, "sr_dpo": _sr_dpo,
-    "sr_ipo": _sr_ipo,
+    "sr_ipo": _sr_ipo, "orpo": _orpo, "asft": _asft, "ipo_sum": _ipo_sum,
 }
 
 

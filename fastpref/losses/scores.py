@@ -39,3 +39,41 @@ def bt_tau(score_chosen: torch.Tensor, score_rejected: torch.Tensor, temperature
             or not math.isfinite(temperature):
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     return torch.sigmoid(_scores(score_chosen, score_rejected) / temperature)
+
+
+TAU_MODES = ("bt", "normalized", "hard")
+
+
+def check_score_range(score_range) -> tuple[float, float]:
+    if score_range is None or isinstance(score_range, (str, bytes)) or len(score_range) != 2:
+        raise ValueError(f"score_range must be (lo, hi) with lo < hi for tau_mode 'normalized', got {score_range!r}")
+    lo, hi = (float(v) for v in score_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"score_range must be finite with lo < hi, got {score_range!r}")
+    return lo, hi
+
+
+def tau_from_scores(score_chosen: torch.Tensor, score_rejected: torch.Tensor, mode: str = "bt",
+                    temperature: float = 1.0, score_range=None) -> torch.Tensor:
+    """rDPO's soft label τ ∈ [0, 1] per pair (Gallego 2024, arXiv:2402.08005) from a judge's scores s_w, s_l.
+
+    mode "bt": τ = σ((s_w − s_l)/T) (:func:`bt_tau`; T = temperature). A 0/1 judge gives τ = σ(1) ≈ 0.73 at
+    T = 1, not 1: lower T (or use "hard") for labels near 1.
+    mode "normalized": τ = (s_w − lo)/((s_w − lo) + (s_l − lo)) on the judge's scale score_range = (lo, hi)
+    (required; scores outside it are refused), so negative scores work; τ = ½ when both scores equal lo.
+    mode "hard": τ = 1 if s_w > s_l, ½ on ties, 0 otherwise.
+    """
+    if mode not in TAU_MODES:
+        raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {mode!r}")
+    if mode == "bt":
+        return bt_tau(score_chosen, score_rejected, temperature)
+    gap = _scores(score_chosen, score_rejected)
+    if mode == "hard":
+        return ((gap > 0).to(gap.dtype) + (gap == 0).to(gap.dtype) * 0.5)
+    lo, hi = check_score_range(score_range)
+    for name, value in (("score_chosen", score_chosen), ("score_rejected", score_rejected)):
+        if bool(((value < lo) | (value > hi)).any()):
+            raise ValueError(f"{name} has values outside score_range ({lo}, {hi})")
+    above_w, above_l = score_chosen - lo, score_rejected - lo
+    total = above_w + above_l
+    return torch.where(total > 0, above_w / torch.where(total > 0, total, 1.0), 0.5)

@@ -365,6 +365,41 @@ def sr_ipo(t: PairTerms, p: LossParams) -> Tensor:
     return (h - p.refine_lambda * t.refinement - 1 / (2 * p.beta)) ** 2
 
 
+# The odds-ratio types clamp the mean token log-prob m to ≤ this value: log(1 − eᵐ) is −∞ at m = 0 (an empty or
+# all-ignored response); above the clamp the gradient is 0.
+MAX_MEAN_LOGP = -1e-6
+
+
+def _log_odds(logps: Tensor, counts: Tensor) -> Tensor:
+    """log odds(y) = m − log(1 − eᵐ), m = min(logps/n, MAX_MEAN_LOGP), with log(1 − eᵐ) as log(−expm1(m))."""
+    mean = _per_token(logps, counts).clamp(max=MAX_MEAN_LOGP)
+    return mean - torch.log(-torch.expm1(mean))
+
+
+@loss("orpo", requires=_COUNTS, reference_free=True)
+def orpo(t: PairTerms, p: LossParams) -> Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024, arXiv:2403.07691, eq. 6–7; TRL's ORPO): ℓ = −β·log σ(L_w − L_l),
+    L = m − log(1 − eᵐ) the log odds, m = π/n the mean token log-prob (clamped to ≤ MAX_MEAN_LOGP). The full ORPO
+    loss is loss_type=["sft", "orpo"]."""
+    return p.beta * _softplus(-(_log_odds(t.chosen, t.chosen_counts) - _log_odds(t.rejected, t.rejected_counts)))
+
+
+@loss("asft", requires=_COUNTS, reference_free=True)
+def asft(t: PairTerms, p: LossParams) -> Tensor:
+    """ASFT's pointwise odds term (Wang et al. 2024, arXiv:2409.10571) with the β of Gorbatovski et al. 2025
+    ("The Differences Between Direct Alignment Algorithms are a Blur", arXiv:2502.01237):
+    ℓ = −log σ(β·L_w) − log σ(−β·L_l), L the log odds as in orpo (β = 1 is the original ASFT; add "sft")."""
+    return (_softplus(-p.beta * _log_odds(t.chosen, t.chosen_counts))
+            + _softplus(p.beta * _log_odds(t.rejected, t.rejected_counts)))
+
+
+@loss("ipo_sum", f_divergence=True)
+def ipo_sum(t: PairTerms, p: LossParams) -> Tensor:
+    """IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17), the paper's unnormalized form: ℓ = (s_w − s_l − 1/(2β))²
+    (= (h − 1/(2β))² for reverse_kl)."""
+    return (t.chosen_scores - t.rejected_scores - 1 / (2 * p.beta)) ** 2
+
+
 LOSS_TYPES: tuple[str, ...] = tuple(LOSS_DEFINITIONS)
 LOSS_CODES: dict[str, int] = {name: d.code for name, d in LOSS_DEFINITIONS.items()}
 REFINED_LOSS_TYPES: frozenset[str] = frozenset(n for n, d in LOSS_DEFINITIONS.items() if d.refined)

@@ -177,7 +177,7 @@ def stream_logps(model: torch.nn.Module, input_ids: torch.Tensor, rows: KeptRows
     holder: dict = {}
     with _fused_head(causal_lm, rows, token_weights, backend, holder, wpo_weights):
         outputs = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                        past_key_values=past_key_values, use_cache=False)
+                        cache=past_key_values, use_cache=False)
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
     return StreamLogps(logps=logits.reshape(-1), counts=holder["counts"], wpo_log_weights=holder.get("wpo"))
 

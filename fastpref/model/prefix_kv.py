@@ -133,7 +133,7 @@ def compute_prefix_kv(model: torch.nn.Module, prefix_ids: Sequence[int]) -> Pref
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     with gathered_parameters(model), frozen_forward(model):
         cache = DynamicCache(config=model.config)
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
     # Sliding-window layers hold the whole prefix while it is shorter than the window; the streams after it are
     # bounded by the window too (SlidingWindowTreeError), so plain growing layers then reproduce them exactly.
     kinds = {type(layer) for layer in cache.layers}

@@ -31,6 +31,7 @@ one-element list.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ from transformers import TrainingArguments
 
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
 from fastpref.data.tokenization import TRUNCATION_MODES
+from fastpref.losses.scores import TAU_MODES, check_score_range
 from fastpref.losses.table import REFINED_LOSS_TYPES, REFINEMENTS
 from fastpref.trainer.collator import STREAM_LAYOUTS as COLLATED_LAYOUTS
 from fastpref.trainer.ref_store import MISMATCH_POLICIES
@@ -58,7 +60,9 @@ class PreferenceConfig(TrainingArguments):
     ``beta``, ``label_smoothing``, ``ld_alpha`` (LD-DPO token weights), ``use_weighting`` (WPO pair weights),
     ``discopop_tau``, ``f_divergence_type``/``f_alpha_divergence_coef``, ``simpo_gamma``,
     ``refine_lambda``/``refinement``/``refinement_prompt`` (Sr-DPO/Sr-IPO),
-    ``odpo_alpha`` (ODPO offsets from score columns), ``score_temperature`` (rDPO τ from score columns).
+    ``odpo_alpha`` (ODPO offsets from score columns), ``tau_mode``/``score_temperature``/``score_range`` (rDPO τ from score
+    columns, :func:`fastpref.losses.tau_from_scores`, per batch at loss time: the reference log-probs and so the
+    reference-cache fingerprint do not depend on them).
     """
 
     # Defaults overridden from TrainingArguments (as in TRL).
@@ -80,6 +84,9 @@ class PreferenceConfig(TrainingArguments):
     truncation_mode: str = field(
         default=TRUNCATION_MODES[0], metadata={"help": "Truncation when a sequence exceeds max_length.",
                                          "choices": list(TRUNCATION_MODES)})
+    keep_identical_pairs: bool = field(
+        default=False, metadata={"help": "Train on pairs whose chosen and rejected tokens are identical (dropped "
+                                         "by default with a warning: they carry no preference signal)."})
     stream_layout: str = field(
         default="auto", metadata={"help": "How a micro-batch reaches the model: 'padded', 'packed' (position_ids), "
                                           "'tree' (each pair as [x, y_w, y_l], prompt once, 4D mask) or 'auto' "
@@ -123,7 +130,12 @@ class PreferenceConfig(TrainingArguments):
     odpo_alpha: float = field(
         default=1.0, metadata={"help": "ODPO: offset = α·log(score_chosen − score_rejected) from score columns."})
     score_temperature: float = field(
-        default=1.0, metadata={"help": "rDPO: τ = σ((score_chosen − score_rejected)/T) from score columns."})
+        default=1.0, metadata={"help": "rDPO: T of tau_mode 'bt', τ = σ((score_chosen − score_rejected)/T)."})
+    tau_mode: str = field(
+        default="bt", metadata={"help": "rDPO: τ from score columns (fastpref.losses.tau_from_scores): 'bt', "
+                                        "'normalized' (needs score_range) or 'hard'.", "choices": list(TAU_MODES)})
+    score_range: list[float] | None = field(
+        default=None, metadata={"help": "rDPO tau_mode 'normalized': the judge's scale lo hi."})
 
     # Self-refinement (Sr-DPO / Sr-IPO).
     refinement: str = field(
@@ -168,6 +180,14 @@ class PreferenceConfig(TrainingArguments):
                 and self.padding_free != (self.stream_layout != "padded"):
             raise ValueError(f"padding_free={self.padding_free} contradicts stream_layout={self.stream_layout!r}; "
                              "set one of them (padding_free=True means 'packed' or 'tree', False means 'padded')")
+        if self.tau_mode not in TAU_MODES:
+            raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {self.tau_mode!r}")
+        if self.score_range is not None:
+            self.score_range = list(self.score_range)
+        if self.tau_mode == "normalized" or self.score_range is not None:
+            check_score_range(self.score_range)
+        if not (self.score_temperature > 0 and math.isfinite(self.score_temperature)):
+            raise ValueError(f"score_temperature must be finite and > 0, got {self.score_temperature}")
         if self.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, got {self.refinement!r}")
         if self.ref_cache_on_mismatch not in MISMATCH_POLICIES:

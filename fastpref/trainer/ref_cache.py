@@ -16,6 +16,7 @@ results are gathered with ``accelerator.gather_for_metrics``; the main process w
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 
@@ -30,6 +31,8 @@ CACHE_FORMAT = "fastpref-ref-logps-v1"
 # The token columns that determine each stream's sequences.
 STREAM_TOKEN_COLUMNS = {"": ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
                         "aug_": ("aug_prompt_input_ids", "chosen_input_ids", "rejected_input_ids")}
+
+logger = logging.getLogger(__name__)
 
 
 def ref_columns(streams: tuple[str, ...]) -> tuple[str, ...]:
@@ -106,6 +109,7 @@ def load_or_compute(store: RefLogpsStore, fp: str, parts: dict[str, str], name: 
     the same name with another fingerprint is recomputed or raises, per the store's ``on_mismatch``."""
     cached = store.load(fp, name=name, parts=parts)
     if cached is not None:
+        logger.info(f"reference log-probs ({name}): reused from {store.cache_dir} ({_pairs(cached)} pairs)")
         return cached
     if accelerator.is_main_process:
         store.check_writable()  # before the pass, not after it
@@ -113,7 +117,12 @@ def load_or_compute(store: RefLogpsStore, fp: str, parts: dict[str, str], name: 
     if accelerator.is_main_process:
         store.save(fp, tensors, name=name, parts=parts)
     accelerator.wait_for_everyone()
+    logger.info(f"reference log-probs ({name}): computed ({_pairs(tensors)} pairs), cached in {store.cache_dir}")
     return tensors
+
+
+def _pairs(tensors: dict[str, torch.Tensor]) -> int:
+    return len(next(iter(tensors.values()))) if tensors else 0
 
 
 def attach_columns(dataset, tensors: dict[str, torch.Tensor]):

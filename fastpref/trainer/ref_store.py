@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 MISMATCH_POLICIES = ("recompute", "raise")
 #: A temp file this old is a dead writer's, whatever its pid says (another host, a pid reused).
@@ -280,7 +283,7 @@ class RefLogpsStore:
                    f"({others[-1].name})" + (f"; changed parts: {', '.join(changed)}" if changed else ""))
         if self.on_mismatch == "raise":
             raise StaleReferenceCacheError(message + " (on_mismatch='raise')")
-        warnings.warn(message + "; recomputing", RuntimeWarning, stacklevel=3)
+        logger.info(message + "; recomputing")
 
     @staticmethod
     def _changed_parts(path: Path, parts: Mapping[str, str] | None) -> list[str]:

@@ -4,7 +4,11 @@ token ids, the per-pair columns kept, and an ``example_index`` column added (the
 
 Rows that cannot be trained on after truncation (a prompt that fills ``max_length`` under ``keep_start``
 leaves an empty response) are dropped, as TRL drops them, with one warning that counts them and quotes the
-first reason; any other tokenization error is raised.
+first reason; any other tokenization error is raised. Pairs whose chosen and rejected tokens are identical carry
+no preference signal (every DPO-family loss sees a zero margin) and are dropped with one warning unless
+``args.keep_identical_pairs``. Empty responses (nothing but the eos token) are kept, as TRL keeps them (an empty
+rejected answer can be meant), with one warning that counts them. Each warning names a few row indices; when
+no pair is left the error says why.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
     if columns is not None:  # an IterableDataset of unknown features has None
         check_columns(columns, name)
     if "chosen_input_ids" in columns:
+        row_numbers = list(range(len(dataset)))
         if refinement_prompt is not None and "aug_prompt_input_ids" not in columns:
             raise ValueError("the tokenized dataset has no aug_prompt_input_ids column, which sr_dpo/sr_ipo with "
                              "refinement='prompt' needs: pass the untokenized dataset")
@@ -49,6 +54,7 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
         dataset = dataset.map(tokenize, remove_columns=[c for c in TEXT_COLUMNS if c in columns],
                               num_proc=args.dataset_num_proc, desc="Tokenizing pairs")
         errors = [e for e in dataset[_ERROR_COLUMN] if e]
+        row_numbers = [i for i, e in enumerate(dataset[_ERROR_COLUMN]) if not e]  # of the rows kept, as given
         if errors and len(errors) == len(dataset):
             raise ValueError(f"no pairs left: all {len(dataset)} pairs are longer than max_length={args.max_length} "
                              f"allows (truncation_mode={args.truncation_mode!r}); raise max_length, set "
@@ -59,6 +65,40 @@ def tokenize_dataset(dataset, tokenizer, args, name: str = "train"):
                           stacklevel=3)
             dataset = dataset.filter(lambda error: not error, input_columns=[_ERROR_COLUMN])
         dataset = dataset.remove_columns(_ERROR_COLUMN)
+    dataset = _check_pairs(dataset, row_numbers, tokenizer.eos_token_id, args.keep_identical_pairs, name)
     if INDEX_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(INDEX_COLUMN, list(range(len(dataset))))
     return dataset
+
+
+def _check_pairs(dataset, row_numbers: list[int], eos_token_id: int | None, keep_identical: bool, name: str):
+    """``dataset`` (tokenized) with a warning for empty responses and identical pairs (dropped unless
+    ``keep_identical``); a ValueError when dropping leaves no pair. Warnings name rows by ``row_numbers`` (each
+    row's number in the dataset as given, before rows that do not fit max_length were dropped)."""
+    chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
+    identical = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c == r]
+    empty = {"chosen": [i for i, ids in enumerate(chosen) if list(ids) in ([], [eos_token_id])],
+             "rejected": [i for i, ids in enumerate(rejected) if list(ids) in ([], [eos_token_id])]}
+
+    def few(rows: list[int], shown: int = 5) -> str:
+        return ", ".join(str(row_numbers[i]) for i in rows[:shown]) + (", …" if len(rows) > shown else "")
+
+    for side, rows in empty.items():
+        if rows:
+            warnings.warn(f"{name}: {len(rows)} of {len(dataset)} pairs have an empty {side} response (rows "
+                          f"{few(rows)}); they are trained on as an eos-only response", stacklevel=4)
+    if not identical:
+        return dataset
+    if keep_identical:
+        warnings.warn(f"{name}: {len(identical)} of {len(dataset)} pairs have chosen == rejected (rows "
+                      f"{few(identical)}); kept (keep_identical_pairs=True), they carry no preference signal",
+                      stacklevel=4)
+        return dataset
+    if len(identical) == len(dataset):
+        raise ValueError(f"no pairs left: all {len(dataset)} {name} pairs have chosen == rejected, which carries no "
+                         f"preference signal; fix the data, or set keep_identical_pairs=True to train on them")
+    warnings.warn(f"{name}: dropped {len(identical)} of {len(dataset)} pairs with chosen == rejected (rows "
+                  f"{few(identical)}): they carry no preference signal (keep_identical_pairs=True keeps them)",
+                  stacklevel=4)
+    dropped = set(identical)
+    return dataset.select([i for i in range(len(dataset)) if i not in dropped])

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 
 import torch
 from transformers import DynamicCache, Trainer, set_seed
 
 from fastpref.logps.inputs import skip_value_checks
-from fastpref.losses import bt_tau, odpo_offset, preference_loss
+from fastpref.losses import odpo_offset, preference_loss, tau_from_scores
 from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward
@@ -29,6 +30,7 @@ from fastpref.trainer.checkpoints import last_complete_checkpoint
 from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_batch
 from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
+from fastpref.trainer.curves import write_training_record
 from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
 from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
                                      reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
@@ -259,8 +261,9 @@ class PreferenceTrainer(Trainer):
         elif "tau" in needs:
             if not has_scores:
                 raise ValueError("loss_type 'rdpo' needs a 'tau' column or 'score_chosen'/'score_rejected' columns")
-            extras["tau"] = bt_tau(inputs["score_chosen"], inputs["score_rejected"],
-                                   temperature=self.args.score_temperature)
+            extras["tau"] = tau_from_scores(inputs["score_chosen"], inputs["score_rejected"], self.args.tau_mode,
+                                            temperature=self.args.score_temperature,
+                                            score_range=self.args.score_range)
         if "offset" in inputs:
             extras["offset"] = inputs["offset"]
         elif "offset" in needs:
@@ -323,14 +326,18 @@ class PreferenceTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         """As ``Trainer.train``; ``resume_from_checkpoint=True`` skips (with a warning) torn checkpoints and resumes
-        from the last complete one (:mod:`fastpref.trainer.checkpoints`)."""
+        from the last complete one (:mod:`fastpref.trainer.checkpoints`). At the end, ``output_dir`` gets
+        ``trainer_state.json`` and ``training_curves.png`` (:mod:`fastpref.trainer.curves`)."""
         if resume_from_checkpoint is True:
             expects_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir,
                                                               expects_optimizer=expects_optimizer)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.is_world_process_zero():
+            write_training_record(self.state, self.args.output_dir)
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
@@ -367,6 +374,8 @@ def _checked_args(args: PreferenceConfig | None) -> PreferenceConfig:
     for name in args.loss_type:
         if name not in LOSS_DEFINITIONS:
             raise ValueError(f"unknown loss_type {name!r}; expected one of {', '.join(LOSS_DEFINITIONS)}")
+    if args.dataloader_pin_memory and args.device.type == "cpu":
+        args.dataloader_pin_memory = False  # nothing to pin for: torch warns on every DataLoader
     return args
 
 
@@ -377,7 +386,10 @@ def _policy_model(model, tokenizer, args: PreferenceConfig, peft_config):
     if peft_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated alias; nothing fastpref passes
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            model = get_peft_model(model, peft_config)
     if args.disable_dropout:
         disable_dropout(model)
     return model
