@@ -128,7 +128,7 @@ def main(argv=None):
                         timing=f"best of {args.rounds} after one warm-up", loss="sigmoid DPO, beta 0.1, summed logps",
                         reference="given (fastpref) / none, taken as 0 (liger)", impls=args.impls))
     if not args.no_plot:
-        plot_results(path, x="case", y="best_ms", group="impl", facet="head", log_y=True)
+        plot_results(path, x="case", y=["best_ms", "peak_mib"], group="impl", facet="head", log_y=True)
     print(path)
     return path
 

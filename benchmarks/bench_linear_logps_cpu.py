@@ -106,7 +106,8 @@ def _measure(impl, mode, head, shape, dtype_name, rounds):
     if impl == "gemm_floor":
         seconds *= gemms
     return dict(impl=impl, mode=mode, head=head, dtype=dtype_name, case=f"N{rows} D{dim} V{vocab} {dtype_name}",
-                rows=rows, dim=dim, vocab=vocab, gemms_needed=gemms, best_ms=seconds * 1e3, peak_mib=peak / 2**20,
+                run=f"{mode} N{rows} D{dim} V{vocab} {dtype_name}", rows=rows, dim=dim, vocab=vocab,
+                gemms_needed=gemms, best_ms=seconds * 1e3, peak_mib=peak / 2**20,
                 gflops_equiv=2 * gemms * rows * dim * vocab / seconds / 1e9)
 
 
@@ -146,7 +147,7 @@ def main(argv=None):
                         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
                         records.append(rec)
                         path = _save(records, args)  # after every record: a stopped run keeps what it measured
-    plot_results(path, x="case", y="best_ms", group="impl", facet="head", log_y=True)
+    plot_results(path, x="run", y=["best_ms", "peak_mib"], group="impl", facet="head", log_y=True)
     print(path)
 
 
