@@ -101,7 +101,8 @@ def main(argv=None):
     args = parse_args(argv)
     meta = dict(model=dict(args.model_overrides, vocab_size=args.vocab, family="llama"), case=vars(args.case),
                 beta=step_bench.BETA, dtype="float32", rounds=args.rounds, steps=args.steps, warmup=args.warmup,
-                timing="median over interleaved rounds of each round's median step", torch_threads=torch.get_num_threads())
+                timing="median over interleaved rounds of each round's median step",
+                torch_threads=torch.get_num_threads())
     tokenizer = build_tokenizer()
     if args.vocab < len(tokenizer):
         raise ValueError(f"--vocab {args.vocab} is below the tokenizer's {len(tokenizer)} tokens")

@@ -22,13 +22,8 @@ def bench(monkeypatch, tmp_path):
     return bench_step_cpu
 
 
-def test_defaults_are_the_issue_model():
-    import sys
-
-    sys.path.insert(0, str(BENCHMARKS))
-    import bench_step_cpu
-
-    args = bench_step_cpu.parse_args([])
+def test_defaults_are_the_issue_model(bench):
+    args = bench.parse_args([])
     assert args.model_overrides["hidden_size"] == 256 and args.model_overrides["num_hidden_layers"] == 4
     assert args.vocab == 32000 and args.modes == ["lora", "full"] and args.backend is None
     assert args.methods == ["trl_dpo_precomputed", "fastpref_dpo", "fastpref_sr_dpo"]
