@@ -7,6 +7,7 @@ side in one run:
 - eager:      full logits, float32 log_softmax, gather (what a user writes)
 - compile:    torch.compile of eager (compile time excluded)
 - trl:        TRL 1.16 ChunkedLogProbFunction (its torch fold path on CPU, chunk 32768 as its trainer)
+- cce:        cut-cross-entropy 25.1.1 linear_cross_entropy(impl="torch_compile", reduction="none"), negated
 - cpp:        fastpref.linear_logps(backend="cpp", return_token_logps=True)
 
 Each record: best-of-R wall time after one warm-up (the machine is shared; the best run is the least disturbed),
@@ -35,7 +36,7 @@ from fastpref.profiling import peak_memory  # noqa: E402
 RESULTS_NAME = "linear_logps_cpu_heads"
 SHAPES = ((2048, 512, 32000), (512, 896, 151936))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMPLS = ("gemm_floor", "eager", "compile", "trl", "cpp")
+IMPLS = ("gemm_floor", "eager", "compile", "cce", "trl", "cpp")
 GEMMS = {("fwd", "frozen"): 1, ("fwd", "trainable"): 1, ("fwd+bwd", "frozen"): 2, ("fwd+bwd", "trainable"): 4}
 
 
@@ -53,11 +54,17 @@ def _trl(hidden, weight, labels):
     return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, 32768, None, 1.0, ("log_probs",))[0]
 
 
+def _cce(hidden, weight, labels):
+    from cut_cross_entropy import linear_cross_entropy  # cut-cross-entropy 25.1.1; per-token loss = -log p
+
+    return -linear_cross_entropy(hidden, weight, labels, reduction="none", impl="torch_compile")
+
+
 def _cpp(hidden, weight, labels):
     return fastpref.linear_logps(hidden, weight, labels, return_token_logps=True, backend="cpp").token_logps
 
 
-TOKEN_LOGPS = {"eager": _eager, "compile": _compiled, "trl": _trl, "cpp": _cpp}
+TOKEN_LOGPS = {"eager": _eager, "compile": _compiled, "cce": _cce, "trl": _trl, "cpp": _cpp}
 
 
 def _step(impl, backward, hidden, weight, labels, upstream):
@@ -99,7 +106,8 @@ def _measure(impl, mode, head, shape, dtype_name, rounds):
     if impl == "gemm_floor":
         seconds *= gemms
     return dict(impl=impl, mode=mode, head=head, dtype=dtype_name, case=f"N{rows} D{dim} V{vocab} {dtype_name}",
-                rows=rows, dim=dim, vocab=vocab, gemms_needed=gemms, best_ms=seconds * 1e3, peak_mib=peak / 2**20,
+                run=f"{mode} N{rows} D{dim} V{vocab} {dtype_name}", rows=rows, dim=dim, vocab=vocab,
+                gemms_needed=gemms, best_ms=seconds * 1e3, peak_mib=peak / 2**20,
                 gflops_equiv=2 * gemms * rows * dim * vocab / seconds / 1e9)
 
 
@@ -139,7 +147,7 @@ def main(argv=None):
                         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rec.items()}, flush=True)
                         records.append(rec)
                         path = _save(records, args)  # after every record: a stopped run keeps what it measured
-    plot_results(path, x="case", y="best_ms", group="impl", facet="head", log_y=True)
+    plot_results(path, x="run", y=["best_ms", "peak_mib"], group="impl", facet="head", log_y=True)
     print(path)
 
 

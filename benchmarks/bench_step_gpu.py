@@ -116,7 +116,8 @@ def build_lm(args, vocab_size: int, attn: str = "sdpa"):
     """The random-init model of ``args.model`` (seed 0, so every method starts from the same weights)."""
     torch.manual_seed(0)
     with args.device:  # initialized where it runs: a 0.5B-parameter init on the host would cost seconds per model
-        model = build_model(args.model, vocab_size).to(args.device, args.dtype)
+        overrides = getattr(args, "model_overrides", {})  # config fields changed (bench_step_cpu.py's model)
+        model = build_model(args.model, vocab_size, **overrides).to(args.device, args.dtype)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
     return model

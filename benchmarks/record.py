@@ -109,10 +109,11 @@ def save_results(name: str, records: list[dict], meta: dict | None = None) -> Pa
     return path
 
 
-def plot_results(json_path: str | Path, *, x: str, y: str, group: str, facet: str | None = None,
+def plot_results(json_path: str | Path, *, x: str, y: str | list[str], group: str, facet: str | None = None,
                  log_y: bool = False) -> Path:
     """Grouped bar chart of `y` over `x`, one bar per `group` value, one panel per `facet` value; PNG beside
-    the JSON. The title carries the device and the git sha so the picture is never separated from its source."""
+    the JSON. A list of metrics for `y` draws each (time and memory) in its own row of panels, aligned by facet.
+    The title carries the device and the git sha so the picture is never separated from its source."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,27 +122,16 @@ def plot_results(json_path: str | Path, *, x: str, y: str, group: str, facet: st
     json_path = Path(json_path)
     payload = json.loads(json_path.read_text())
     records = payload["records"]
+    metrics = [y] if isinstance(y, str) else list(y)
     facets = sorted({str(r[facet]) for r in records}) if facet else [None]
-    fig, axes = plt.subplots(1, len(facets), figsize=(max(6, 5 * len(facets)), 4.5), squeeze=False)
-    for ax, facet_value in zip(axes[0], facets):
+    fig, axes = plt.subplots(len(metrics), len(facets), figsize=(max(6, 5 * len(facets)), 4.5 * len(metrics)),
+                             squeeze=False)
+    for col, facet_value in enumerate(facets):
         rows = [r for r in records if facet is None or str(r[facet]) == facet_value]
-        xs = list(dict.fromkeys(str(r[x]) for r in rows))
-        groups = list(dict.fromkeys(str(r[group]) for r in rows))
-        width = 0.8 / max(1, len(groups))
-        for gi, gname in enumerate(groups):
-            values = []
-            for xv in xs:
-                hit = [r[y] for r in rows if str(r[x]) == xv and str(r[group]) == gname and r.get(y) is not None]
-                values.append(hit[0] if hit else float("nan"))
-            ax.bar([i + gi * width for i in range(len(xs))], values, width, label=gname)
-        ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(xs))])
-        ax.set_xticklabels(xs, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel(y)
-        if log_y:
-            ax.set_yscale("log")
-        if facet:
-            ax.set_title(f"{facet}={facet_value}", fontsize=9)
-        ax.legend(fontsize=7)
+        for row, metric in enumerate(metrics):
+            _bars(axes[row][col], rows, x, metric, group, log_y)
+            if facet:
+                axes[row][col].set_title(f"{facet}={facet_value}", fontsize=9)
     device = payload["machine"].get("gpu") or f"CPU x{payload['machine'].get('torch_threads')}"
     fig.suptitle(f"{payload['benchmark']} — {device} — torch {payload['versions'].get('torch')} — "
                  f"{payload['git_sha'][:12]} — {payload['date'][:10]}", fontsize=9)
@@ -150,3 +140,22 @@ def plot_results(json_path: str | Path, *, x: str, y: str, group: str, facet: st
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _bars(ax, rows: list[dict], x: str, y: str, group: str, log_y: bool) -> None:
+    rows = [r for r in rows if r.get(y) is not None]  # failed or skipped runs have no bar
+    xs = list(dict.fromkeys(str(r[x]) for r in rows))
+    groups = list(dict.fromkeys(str(r[group]) for r in rows))
+    width = 0.8 / max(1, len(groups))
+    for gi, gname in enumerate(groups):
+        values = []
+        for xv in xs:
+            hit = [r[y] for r in rows if str(r[x]) == xv and str(r[group]) == gname]
+            values.append(hit[0] if hit else float("nan"))
+        ax.bar([i + gi * width for i in range(len(xs))], values, width, label=gname)
+    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(xs))])
+    ax.set_xticklabels(xs, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(y)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
