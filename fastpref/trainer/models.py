@@ -151,3 +151,35 @@ def reference_adapter(peft_model, active: str):
     finally:
         peft_model.set_adapter(active)
         peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+
+
+BASE_MODEL_DIR = "base_model"
+
+
+def base_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's weights under their own names: every adapter's tensors dropped, peft's wrapper prefixes
+    (``base_layer`` of a LoRA layer, ``original_module`` of a module to save) removed."""
+    adapters = tuple(f".{name}." for name in peft_model.peft_config)
+    state = {}
+    for name, tensor in peft_model.get_base_model().state_dict().items():
+        if any(adapter in name for adapter in adapters):
+            continue
+        state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return state
+
+
+def save_unnamed_base(peft_model, directory: str) -> bool:
+    """Save the base of a peft model built from a config (no ``base_model_name_or_path`` to reload it from) to
+    ``directory`` and point every adapter config at its absolute path, so the saved adapter reloads offline with
+    ``AutoPeftModelForCausalLM.from_pretrained``. LoRA leaves the base weights as they were, so one copy serves
+    every checkpoint. Returns whether it saved (False: the base already has a name or path)."""
+    configs = peft_model.peft_config.values()
+    if all(config.base_model_name_or_path for config in configs):
+        return False
+    path = os.path.abspath(directory)
+    base = peft_model.get_base_model()
+    base.save_pretrained(path, state_dict=base_state_dict(peft_model))
+    for config in configs:
+        if not config.base_model_name_or_path:
+            config.base_model_name_or_path = path
+    return True

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import warnings
 
 import torch
@@ -32,9 +33,9 @@ from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
 from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
-from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
-                                     reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
-                                     resolve_tokenizer)
+from fastpref.trainer.models import (BASE_MODEL_DIR, add_reference_adapter, check_vocabulary, disable_dropout,
+                                     is_peft_model, reference_adapter, reference_fingerprint, resolve_model,
+                                     resolve_stream_layout, resolve_tokenizer, save_unnamed_base)
 from fastpref.trainer.ref_cache import (attach_columns, cache_fingerprint, collated_rows_fingerprint,
                                         compute_reference_logps, load_or_compute, ref_columns)
 from fastpref.trainer.ref_store import RefLogpsStore
@@ -93,6 +94,7 @@ class PreferenceTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self.reference_passes = 0
+        self._base_saved = False  # see _save
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         if self._needs_reference and args.precompute_ref_log_probs:
@@ -359,6 +361,14 @@ class PreferenceTrainer(Trainer):
                 eval_dataset = self._attach_all(eval_dataset, "eval")
         return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
                                 metric_key_prefix=metric_key_prefix)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """As ``Trainer._save``; a peft policy built from a config (a built-in name) first gets its base saved once,
+        to ``args.output_dir/base_model``, which every saved adapter then names as its base."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and is_peft_model(policy) and not self._base_saved:
+            self._base_saved = save_unnamed_base(policy, os.path.join(self.args.output_dir, BASE_MODEL_DIR))
+        super()._save(output_dir, state_dict)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
