@@ -53,3 +53,33 @@ def test_lora_on_a_builtin_model_reloads_offline_as_the_trained_model(tmp_path):
             base = policy(input_ids=ids, use_cache=False).logits
     assert not torch.allclose(trained, base, atol=1e-4)  # training moved the adapters: the check below can fail
     torch.testing.assert_close(torch.load(logits_path), trained, rtol=1e-5, atol=1e-5)
+
+
+TEXTS = ["What is 12+345?", "Héllo  wörld\n\n  x1234 ﬁ  e\u0301", "it's   done\t!!", "", " 7 ", "<|user|>hi<|end|>"]
+
+
+def test_a_saved_qwen2_run_reloads_its_tokenizer_and_trains_again(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fastpref.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    first = PreferenceTrainer("tiny-qwen2", args=config(tmp_path, max_steps=1), train_dataset=demo_rows("train", 4),
+                              processing_class=tokenizer)
+    first.train()
+    out = tmp_path / "out"
+    first.save_model(str(out))
+    reloaded = AutoTokenizer.from_pretrained(out)  # beside a qwen2 config.json: transformers builds Qwen2Tokenizer
+    assert len(reloaded) == len(tokenizer) == first.model.get_output_embeddings().weight.shape[0]
+    assert reloaded.get_vocab() == tokenizer.get_vocab()
+    for text in TEXTS:
+        assert reloaded(text).input_ids == tokenizer(text).input_ids, text
+    chat = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]
+    assert reloaded.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+    assert (reloaded.bos_token, reloaded.eos_token, reloaded.pad_token) == (tokenizer.bos_token, tokenizer.eos_token,
+                                                                           tokenizer.pad_token)
+    again = PreferenceTrainer(str(out), args=config(tmp_path / "again", max_steps=1),
+                              train_dataset=demo_rows("train", 4))
+    assert again.processing_class.get_vocab() == tokenizer.get_vocab()
+    again.train()
+    assert again.state.global_step == 1
