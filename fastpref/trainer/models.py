@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, s
 from fastpref.model.head import unwrap_causal_lm
 from fastpref.model.tree_stream import attention_mask_for, build_tree_batch
 from fastpref.trainer.config import PreferenceConfig
-from fastpref.trainer.ref_store import model_fingerprint
+from fastpref.trainer.ref_store import fingerprint, model_fingerprint
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -86,17 +86,34 @@ def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
 
 
 def reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
-    """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters, or
-    with the frozen :data:`REFERENCE_ADAPTER` copy when it has one)."""
+    """Fingerprint of the effective reference weights: ``ref_model`` (a peft one: its base with its active
+    adapter), else the policy (a peft policy: its base without adapters, or with the frozen
+    :data:`REFERENCE_ADAPTER` copy when it has one). A peft base is fingerprinted under its own parameter names
+    (:func:`base_state_dict`), so full fine-tuning and LoRA runs of the same base share their cache; an adapter
+    in the reference adds its weights and its config (rank, alpha, targets)."""
+    if ref_model is not None and is_peft_model(ref_model):
+        return peft_reference_fingerprint(ref_model, ref_model.active_adapter)
     if ref_model is not None:
         return model_fingerprint(ref_model)
-    if is_peft_model(policy) and REFERENCE_ADAPTER in policy.peft_config:
-        others = tuple(f".{name}." for name in policy.peft_config if name != REFERENCE_ADAPTER)
-        return model_fingerprint(policy.get_base_model(), exclude=others)
     if is_peft_model(policy):
-        adapters = tuple(f".{name}." for name in policy.peft_config)
-        return model_fingerprint(policy.get_base_model(), exclude=adapters)
+        return peft_reference_fingerprint(policy, REFERENCE_ADAPTER if REFERENCE_ADAPTER in policy.peft_config
+                                          else None)
     return model_fingerprint(policy)
+
+
+def peft_reference_fingerprint(peft_model, adapter: str | None) -> str:
+    """Fingerprint of ``peft_model``'s base (:func:`base_state_dict`) with ``adapter`` on (None: adapters off)."""
+    state = base_state_dict(peft_model)
+    if adapter is None:
+        return model_fingerprint(peft_model.get_base_model(), state=state)
+    marker = f".{adapter}."
+    state.update((name, tensor) for name, tensor in peft_model.get_base_model().state_dict().items()
+                 if marker in name)
+    settings = peft_model.peft_config[adapter].to_dict()
+    for key in ("base_model_name_or_path", "revision", "inference_mode"):
+        settings.pop(key, None)
+    settings = json.dumps(settings, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    return fingerprint(weights=model_fingerprint(peft_model.get_base_model(), state=state), adapter=settings)
 
 
 def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str:
