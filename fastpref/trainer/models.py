@@ -30,13 +30,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def resolve_tokenizer(model, processing_class):
+def resolve_tokenizer(model, processing_class, trust_remote_code: bool = False):
     """The tokenizer: the given one, the one saved next to a model path, or fastpref's local tokenizer."""
     if processing_class is not None:
         return processing_class
     if isinstance(model, str) and os.path.isdir(model):
         with contextlib.suppress(OSError, ValueError):
-            return AutoTokenizer.from_pretrained(model)
+            return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     from fastpref.data.tokenizer import build_tokenizer
 
     return build_tokenizer()
@@ -52,10 +52,12 @@ def align_special_tokens(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
     return model
 
 
-def init_kwargs(args: PreferenceConfig) -> dict | None:
-    if isinstance(args.model_init_kwargs, str):
-        return json.loads(args.model_init_kwargs)
-    return args.model_init_kwargs
+def init_kwargs(args: PreferenceConfig) -> dict:
+    """``model_init_kwargs`` (a dict or its JSON), with TRL's ``trust_remote_code`` unless they set it."""
+    kwargs = args.model_init_kwargs
+    kwargs = dict(json.loads(kwargs) if isinstance(kwargs, str) else kwargs or {})
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return kwargs
 
 
 def resolve_model(model, tokenizer, args: PreferenceConfig) -> PreTrainedModel:
@@ -72,7 +74,20 @@ def resolve_model(model, tokenizer, args: PreferenceConfig) -> PreTrainedModel:
     if not os.path.isdir(model):
         raise ValueError(f"model {model!r} is neither a local model directory nor a built-in name "
                          f"({', '.join(MODEL_NAMES)}); this build loads no models from a hub")
-    return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs(args) or {}))
+    return AutoModelForCausalLM.from_pretrained(model, **init_kwargs(args))
+
+
+def pad_token_id(tokenizer, args: PreferenceConfig) -> int:
+    """The padding id: ``args.pad_token`` (TRL's deprecated field), else the tokenizer's pad token, else its eos
+    token (as TRL)."""
+    token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if token is None:
+        raise ValueError("processing_class has neither a pad nor an eos token: set tokenizer.pad_token")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        what = "pad_token" if args.pad_token else "the tokenizer's pad token"
+        raise ValueError(f"{what} {token!r} is not in the tokenizer's vocabulary")
+    return token_id
 
 
 def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:

@@ -34,7 +34,7 @@ from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
 from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
 from fastpref.trainer.models import (BASE_MODEL_DIR, add_reference_adapter, check_vocabulary, disable_dropout,
-                                     is_peft_model, reference_adapter, reference_fingerprint, resolve_model,
+                                     is_peft_model, pad_token_id, reference_adapter, reference_fingerprint, resolve_model,
                                      resolve_stream_layout, resolve_tokenizer, save_unnamed_base)
 from fastpref.trainer.ref_cache import (attach_columns, cache_fingerprint, collated_rows_fingerprint,
                                         compute_reference_logps, load_or_compute, ref_columns)
@@ -67,9 +67,8 @@ class PreferenceTrainer(Trainer):
     def __init__(self, model, ref_model=None, args: PreferenceConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
         args = _checked_args(args)
-        tokenizer = resolve_tokenizer(model, processing_class)
-        if tokenizer.pad_token_id is None:
-            raise ValueError("processing_class has no pad token: set tokenizer.pad_token")
+        tokenizer = resolve_tokenizer(model, processing_class, args.trust_remote_code)
+        pad_id = pad_token_id(tokenizer, args)
         set_seed(args.seed)  # as TRL: before the model and its peft adapters are built (their init draws from the RNG)
         model = _policy_model(model, tokenizer, args, peft_config)
         self._policy_adapter = None  # the trained adapter of a policy that came with its own (see models.py)
@@ -80,11 +79,15 @@ class PreferenceTrainer(Trainer):
         self._streams = ("", "aug_") if args.uses_augmented_stream else ("",)
         args.stream_layout = self.stream_layout = resolve_stream_layout(model, args)
         args.padding_free = self.stream_layout != "padded"
+        if args.pad_to_multiple_of is not None and args.padding_free:
+            raise ValueError(f"pad_to_multiple_of={args.pad_to_multiple_of} pads the padded layout; the resolved "
+                             f"stream_layout is {self.stream_layout!r} (no padding): set stream_layout='padded'")
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train")
         eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval")
         self._aug_prefix = refinement_prefix(model, tokenizer, args, train_dataset, eval_dataset)
         if data_collator is None:
-            data_collator = StepCollator(tokenizer.pad_token_id, with_augmented=args.uses_augmented_stream,
+            data_collator = StepCollator(pad_id, with_augmented=args.uses_augmented_stream,
+                                         pad_to_multiple_of=args.pad_to_multiple_of,
                                          layout=self.stream_layout, ld_alpha=args.ld_alpha,
                                          aug_prefix=self._aug_prefix)
         self._policy_prefix = StepPrefixKV(self._aug_prefix) if self._aug_prefix else None
