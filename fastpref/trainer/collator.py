@@ -97,6 +97,8 @@ class StepCollator:
             features = [{**f, "aug_prompt_input_ids": aug} for f, aug in zip(features, stripped, strict=True)]
         packed = self.packer(features)
         batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
+        batch["num_tokens"] = torch.tensor(sum(2 * len(f["prompt_input_ids"]) + len(f["chosen_input_ids"])
+                                               + len(f["rejected_input_ids"]) for f in features))
         for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
             batch.update(self._tree_stream(prefix, features) if self.layout == "tree" else self._stream(prefix, packed))
         return batch

@@ -32,7 +32,7 @@ from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_b
 from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
-from fastpref.trainer.metrics import MetricAccumulator, pair_metrics
+from fastpref.trainer.metrics import MetricAccumulator, pair_metrics, token_metrics
 from fastpref.trainer.models import (BASE_MODEL_DIR, add_reference_adapter, check_vocabulary, disable_dropout,
                                      is_peft_model, pad_token_id, reference_adapter, reference_fingerprint, resolve_model,
                                      resolve_stream_layout, resolve_tokenizer, save_unnamed_base)
@@ -98,6 +98,7 @@ class PreferenceTrainer(Trainer):
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self.reference_passes = 0
         self._base_saved = False  # see _save
+        self._train_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)  # this process's, so far
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         if self._needs_reference and args.precompute_ref_log_probs:
@@ -155,11 +156,12 @@ class PreferenceTrainer(Trainer):
             unwrapped.train(was_training)
 
     def _stream_logps(self, model, batch: dict, prefix: str, wpo_weights: bool = False,
-                      cached: PrefixKV | None = None) -> StreamLogps:
+                      cached: PrefixKV | None = None, token_stats: bool = False) -> StreamLogps:
         """Log-probs of stream ``prefix`` of a batch; ``cached``: the refinement prefix's keys/values, which the
         augmented stream continues (then the pass runs in eval + inference mode and returns plain tensors)."""
         kwargs = dict(position_ids=batch.get(f"{prefix}position_ids"),
-                      token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights)
+                      token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights,
+                      token_stats=token_stats)
         # Token ids come from the tokenizer, checked against the vocabulary at construction: no per-call value
         # checks (each would be a host sync on CUDA).
         with skip_value_checks(), contextlib.nullcontext() if cached is None else frozen_forward(model):
@@ -310,7 +312,7 @@ class PreferenceTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: PreferenceConfig = self.args
         mode = "train" if model.training else "eval"
-        policy = self._stream_logps(model, inputs, "", wpo_weights=args.use_weighting)
+        policy = self._stream_logps(model, inputs, "", wpo_weights=args.use_weighting, token_stats=True)
         pairs = policy.logps.numel() // 2
         chosen, rejected = policy.logps[:pairs], policy.logps[pairs:]
         reference = self._reference_logps(inputs, "")
@@ -325,6 +327,9 @@ class PreferenceTrainer(Trainer):
                 args.beta, refine["aug_chosen_logps"], refine["aug_rejected_logps"], refine["aug_ref_chosen_logps"],
                 refine["aug_ref_rejected_logps"])
         self._metrics[mode].update(pair_metrics(out, chosen, rejected, delta, args.refine_lambda))
+        self._metrics[mode].update_ratios(token_metrics(policy.token_stat_sums, policy.counts))
+        if mode == "train":
+            self._train_tokens = self._train_tokens + inputs["num_tokens"]
         return (out.loss, out) if return_outputs else out.loss
 
     # ---- training, logging and evaluation --------------------------------------------------------------------
@@ -347,6 +352,8 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode].compute(reduce_sum=lambda t: self.accelerator.reduce(t, "sum"))
+        if metrics:  # TRL's total of training tokens so far, logged beside each mode's metrics
+            metrics["num_tokens"] = float(self.accelerator.reduce(self._train_tokens, "sum"))
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
