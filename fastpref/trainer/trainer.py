@@ -99,6 +99,7 @@ class PreferenceTrainer(Trainer):
         self.reference_passes = 0
         self._base_saved = False  # see _save
         self._train_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)  # this process's, so far
+        self._counts_tokens = False  # whether the batches report num_tokens (StepCollator's do)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         if self._needs_reference and args.precompute_ref_log_probs:
@@ -328,8 +329,9 @@ class PreferenceTrainer(Trainer):
                 refine["aug_ref_rejected_logps"])
         self._metrics[mode].update(pair_metrics(out, chosen, rejected, delta, args.refine_lambda))
         self._metrics[mode].update_ratios(token_metrics(policy.token_stat_sums, policy.counts))
-        if mode == "train":
+        if mode == "train" and "num_tokens" in inputs:  # a data_collator of the user's may not count them
             self._train_tokens = self._train_tokens + inputs["num_tokens"]
+            self._counts_tokens = True
         return (out.loss, out) if return_outputs else out.loss
 
     # ---- training, logging and evaluation --------------------------------------------------------------------
@@ -352,7 +354,7 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode].compute(reduce_sum=lambda t: self.accelerator.reduce(t, "sum"))
-        if metrics:  # TRL's total of training tokens so far, logged beside each mode's metrics
+        if metrics and self._counts_tokens:  # TRL's total of training tokens so far, beside each mode's metrics
             metrics["num_tokens"] = float(self.accelerator.reduce(self._train_tokens, "sum"))
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
