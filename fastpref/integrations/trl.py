@@ -5,9 +5,8 @@
 with :class:`fastpref.PreferenceTrainer`: the fused head (no [tokens × vocabulary] logits), the fused loss op,
 padded / packed / tree streams and the on-disk reference cache. Every ``DPOConfig`` field is carried over with the
 user's value (``DPOConfig`` and :class:`fastpref.PreferenceConfig` share names and semantics); fields fastpref
-does not implement are refused when set to anything but their default, never ignored; only
-``pad_to_multiple_of`` (the granularity of TRL's own padding, which changes no result) has no counterpart, because
-fastpref lays out its batches itself. fastpref's own fields
+does not implement are refused when set to anything but their default, never ignored (``pad_to_multiple_of`` pads
+fastpref's padded layout and is refused with a padding-free one). fastpref's own fields
 (``loss_type="sr_dpo"``, ``refine_lambda``, ``stream_layout``, ``ref_cache_dir``, …) come as keyword arguments.
 
 ``patch_trl()`` makes ``trl.DPOTrainer`` (and ``trl.trainer.dpo_trainer.DPOTrainer``) this class, so an unchanged
@@ -32,9 +31,8 @@ UNSUPPORTED_DPO_FIELDS = {
     "ref_model_sync_steps": 512,
     "activation_offloading": False,
     "router_aux_loss_coef": None,
-    "trust_remote_code": False,
-    "pad_token": None,
 }
+
 def _field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if f.init}
 

@@ -72,11 +72,14 @@ def kept_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> K
 class StreamLogps(NamedTuple):
     """Per-sequence results of :func:`stream_logps`: ``logps`` [S] float32 (differentiable), ``counts`` [S] int64,
     ``wpo_log_weights`` [S] (no gradient) when asked: mean over the sequence's rows of log p_t − log Σ_v p_v²
-    (WPO, arXiv 2406.11827, in TRL's form)."""
+    (WPO, arXiv 2406.11827, in TRL's form); ``token_stat_sums`` [3, S] float32 (no gradient) when asked: per
+    sequence, Σ entropy, Σ mean logit and the number of rows whose target is the top-1 token, over its scored rows
+    (unweighted; :class:`fastpref.logps.TokenStats`, from the same fused pass)."""
 
     logps: torch.Tensor
     counts: torch.Tensor
     wpo_log_weights: torch.Tensor | None = None
+    token_stat_sums: torch.Tensor | None = None
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,7 +130,7 @@ def log_sum_sq_probs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 @contextlib.contextmanager
 def _fused_head(causal_lm: torch.nn.Module, rows: KeptRows, token_weights: torch.Tensor | None,
-                backend: str | None, holder: dict, wpo: bool):
+                backend: str | None, holder: dict, wpo: bool, token_stats: bool = False):
     """Replace ``lm_head`` by the fused log-prob op (and switch the model's own softcap off) inside the block."""
     config = causal_lm.config
     for name in _UNSUPPORTED_LOGIT_POSTPROCESSING:
@@ -142,8 +145,12 @@ def _fused_head(causal_lm: torch.nn.Module, rows: KeptRows, token_weights: torch
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.index)
         result = linear_logps(hidden, head.weight, rows.labels, bias=head.bias, softcap=softcap,
                               token_weights=token_weights, cu_seqlens=rows.cu_seqlens, return_token_logps=wpo,
-                              backend=backend)
+                              return_token_stats=token_stats, backend=backend)
         holder["counts"] = result.counts
+        if token_stats:
+            stats = result.token_stats
+            per_row = torch.stack([stats.entropy.float(), stats.mean_logits.float(), stats.is_top1.float()])
+            holder["stats"] = torch.stack([_per_sequence_sums(values, rows) for values in per_row.detach()])
         if wpo:
             aligned = result.token_logps.detach() - log_sum_sq_probs(hidden, head.weight, head.bias, softcap)
             holder["wpo"] = _per_sequence_sums(aligned, rows) / result.counts.clamp(min=1)
@@ -162,7 +169,7 @@ def _fused_head(causal_lm: torch.nn.Module, rows: KeptRows, token_weights: torch
 
 def stream_logps(model: torch.nn.Module, input_ids: torch.Tensor, rows: KeptRows, *,
                  position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 token_weights: torch.Tensor | None = None, wpo_weights: bool = False,
+                 token_weights: torch.Tensor | None = None, wpo_weights: bool = False, token_stats: bool = False,
                  past_key_values=None, backend: str | None = None) -> StreamLogps:
     """Per-sequence log-probs of the kept rows of one token stream, through ``model``'s own forward.
 
@@ -171,15 +178,16 @@ def stream_logps(model: torch.nn.Module, input_ids: torch.Tensor, rows: KeptRows
     ``input_ids``/``attention_mask`` [S, T], ``rows.index`` a bool [S, T] mask. ``token_weights`` [n] weight the
     kept rows (LD-DPO). ``past_key_values``: a cache the stream continues (a cached shared prefix, see
     :mod:`fastpref.model.prefix_kv`; pass the matching 4D ``attention_mask``). Returns :class:`StreamLogps`
-    (``wpo_log_weights`` when ``wpo_weights``).
+    (``wpo_log_weights`` when ``wpo_weights``, ``token_stat_sums`` when ``token_stats``).
     """
     causal_lm = unwrap_causal_lm(model)
     holder: dict = {}
-    with _fused_head(causal_lm, rows, token_weights, backend, holder, wpo_weights):
+    with _fused_head(causal_lm, rows, token_weights, backend, holder, wpo_weights, token_stats):
         outputs = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                         cache=past_key_values, use_cache=False)
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-    return StreamLogps(logps=logits.reshape(-1), counts=holder["counts"], wpo_log_weights=holder.get("wpo"))
+    return StreamLogps(logps=logits.reshape(-1), counts=holder["counts"], wpo_log_weights=holder.get("wpo"),
+                       token_stat_sums=holder.get("stats"))
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,

@@ -69,10 +69,14 @@ def column_token_weights(features: list[dict]) -> torch.Tensor | None:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def _padded(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, pad_token_id: int):
-    """Unpack a [1, L] stream into right-padded [S, T] input_ids, attention_mask and labels."""
+def _padded(input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor, pad_token_id: int,
+            multiple: int | None = None):
+    """Unpack a [1, L] stream into right-padded [S, T] input_ids, attention_mask and labels (T rounded up to a
+    multiple of ``multiple`` when given)."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     width = max(lengths)
+    if multiple is not None:
+        width = -(-width // multiple) * multiple
     pieces = zip(input_ids[0].split(lengths), labels[0].split(lengths), strict=True)
     ids, mask, labs = [], [], []
     for seq_ids, seq_labels in pieces:
@@ -87,8 +91,10 @@ class StepCollator:
     """Collate tokenized pairs into the trainer's batch (module docstring). Picklable for dataloader workers."""
 
     def __init__(self, pad_token_id: int, *, with_augmented: bool = False, padding_free: bool = True,
-                 ld_alpha: float | None = None, aug_prefix: tuple[int, ...] | None = None, layout: str | None = None):
-        """``layout``: "padded", "packed" or "tree"; None: "packed" if ``padding_free`` else "padded"."""
+                 ld_alpha: float | None = None, aug_prefix: tuple[int, ...] | None = None, layout: str | None = None,
+                 pad_to_multiple_of: int | None = None):
+        """``layout``: "padded", "packed" or "tree"; None: "packed" if ``padding_free`` else "padded".
+        ``pad_to_multiple_of``: padded streams' width rounded up to a multiple of it (TRL's field)."""
         layout = layout or ("packed" if padding_free else "padded")
         if layout not in STREAM_LAYOUTS:
             raise ValueError(f"layout must be one of {STREAM_LAYOUTS}, got {layout!r}")
@@ -102,6 +108,9 @@ class StepCollator:
         self.padding_free = layout != "padded"
         self.ld_alpha = ld_alpha
         self.aug_prefix = tuple(aug_prefix) if aug_prefix else None
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if self.with_augmented and self.aug_prefix is not None:
@@ -110,6 +119,8 @@ class StepCollator:
         packed = self.packer(features)
         column_weights = column_token_weights(features)
         batch = {key: value for key, value in packed.items() if key not in _PACKED_STREAM_KEYS}
+        batch["num_tokens"] = torch.tensor(sum(2 * len(f["prompt_input_ids"]) + len(f["chosen_input_ids"])
+                                               + len(f["rejected_input_ids"]) for f in features))
         for prefix in STREAM_PREFIXES[: 2 if self.with_augmented else 1]:
             batch.update(self._tree_stream(prefix, features, column_weights) if self.layout == "tree"
                          else self._stream(prefix, packed, column_weights))
@@ -145,7 +156,8 @@ class StepCollator:
         cu_seqlens = packed[f"{prefix}cu_seqlens"]
         if prefix == "aug_" and self.aug_prefix is not None:
             # After a cached prefix of P tokens: padded rows at positions P.., the mask shows the prefix to all.
-            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id)
+            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id,
+                                               self.pad_to_multiple_of)
             rows, length = kept_rows(padded_labels), len(self.aug_prefix)
             out = {"aug_input_ids": ids,
                    "aug_attention_mask": torch.cat([torch.ones(ids.shape[0], length, dtype=mask.dtype), mask], 1),
@@ -154,7 +166,8 @@ class StepCollator:
             rows = kept_rows(labels, cu_seqlens)
             out = {f"{prefix}input_ids": input_ids, f"{prefix}position_ids": packed[f"{prefix}position_ids"]}
         else:
-            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id)
+            ids, mask, padded_labels = _padded(input_ids, labels, cu_seqlens, self.pad_token_id,
+                                               self.pad_to_multiple_of)
             rows = kept_rows(padded_labels)
             out = {f"{prefix}input_ids": ids, f"{prefix}attention_mask": mask}
         out.update(_rows_dict(prefix, rows))

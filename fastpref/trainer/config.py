@@ -52,9 +52,9 @@ STREAM_LAYOUTS = ("auto", *COLLATED_LAYOUTS)
 class PreferenceConfig(TrainingArguments):
     r"""Configuration of :class:`fastpref.PreferenceTrainer` (``DPOConfig`` names; see the module docstring).
 
-    Model: ``model_init_kwargs`` (for a model given by path), ``disable_dropout``.
+    Model: ``model_init_kwargs`` (for a model given by path), ``trust_remote_code``, ``disable_dropout``.
     Data: ``max_length``, ``max_prompt_length``, ``truncation_mode``, ``stream_layout``, ``padding_free``,
-    ``dataset_num_proc``.
+    ``pad_to_multiple_of`` (padded streams only), ``pad_token`` (deprecated), ``dataset_num_proc``.
     Reference: ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``ref_cache_dir``,
     ``ref_cache_on_mismatch``.
     Loss: ``loss_type`` (a name or a list; every type of :func:`fastpref.preference_loss`, or alone one listwise
@@ -76,9 +76,18 @@ class PreferenceConfig(TrainingArguments):
         default=None, metadata={"help": "Keyword arguments for AutoModelForCausalLM.from_pretrained when the model "
                                         "is given as a path."})
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the model."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom code shipped with a model or tokenizer given by path "
+                                         "(forwarded to their from_pretrained)."})
 
     # Data.
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenizing the dataset."})
+    pad_token: str | None = field(
+        default=None, metadata={"help": "Deprecated (as in TRL): the padding token, instead of the tokenizer's pad "
+                                        "token (or its eos token when it has none)."})
+    pad_to_multiple_of: int | str | None = field(
+        default="auto", metadata={"help": "Pad padded streams to a multiple of this length; 'auto': 128 on "
+                                          "Neuron, else no extra padding. Padded layout only."})
     max_length: int | None = field(
         default=1024, metadata={"help": "Maximum length of prompt + response; None disables truncation."})
     max_prompt_length: int | None = field(
@@ -206,10 +215,22 @@ class PreferenceConfig(TrainingArguments):
         if self.ref_cache_on_mismatch not in MISMATCH_POLICIES:
             raise ValueError(f"ref_cache_on_mismatch must be one of {MISMATCH_POLICIES}, "
                              f"got {self.ref_cache_on_mismatch!r}")
+        self._resolve_pad_to_multiple_of()
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2 or None, got {self.max_length}")
         self._check_listwise()
         super().__post_init__()
+        if self.pad_to_multiple_of == "auto":  # after TrainingArguments resolved the device
+            self.pad_to_multiple_of = 128 if self.device.type == "neuron" else None
+
+    def _resolve_pad_to_multiple_of(self) -> None:
+        value = self.pad_to_multiple_of
+        if isinstance(value, str) and value != "auto":
+            value = None if value.lower() in ("none", "null") else int(value) if value.isdigit() else value
+        if value != "auto" and value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                                      or value < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive int, 'auto' or None, got {value!r}")
+        self.pad_to_multiple_of = value
 
     def _check_listwise(self) -> None:
         """A listwise type (K ranked responses, :func:`fastpref.listwise_loss`) is the only type of its run."""
@@ -237,6 +258,9 @@ class PreferenceConfig(TrainingArguments):
             self.loss_type = [*self.loss_type, "sft"]
             self.loss_weights = [*weights, float(self.rpo_alpha)]
             self.rpo_alpha = None
+        if self.pad_token is not None:
+            warnings.warn("pad_token is deprecated (as in TRL): set tokenizer.pad_token and pass the tokenizer as "
+                          "processing_class", FutureWarning, stacklevel=4)
         if self.use_logits_to_keep is not None:
             warnings.warn("use_logits_to_keep is deprecated: fastpref always runs the head on completion rows only",
                           FutureWarning, stacklevel=4)

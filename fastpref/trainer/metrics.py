@@ -7,6 +7,11 @@ Keys: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/a
 prompt's implicit reward ranks the chosen response first) and ``refine/logit_shift`` (mean λ·Δ, what the
 refinement subtracts from the DPO logit). Listwise runs log ``rewards/mean``, ``rewards/top1_accuracies`` and
 ``rewards/pair_accuracies`` (:func:`listwise_metrics`).
+Per token, as TRL 1.16 (from the policy pass's fused token statistics,
+:class:`fastpref.logps.TokenStats`, no extra pass): ``entropy`` (mean over the completion tokens of both responses),
+``logits/chosen`` and ``logits/rejected`` (mean over a response's tokens of the mean logit Σ_v z_v / V) and
+``mean_token_accuracy`` (fraction of chosen tokens that are the top-1 prediction). ``num_tokens``: the training
+tokens seen so far, prompt counted once per response (TRL's attention-mask count of [x, y_w] and [x, y_l]).
 """
 
 from __future__ import annotations
@@ -47,13 +52,37 @@ def listwise_metrics(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Te
             "rewards/pair_accuracies": right[ordered].float()}
 
 
+def token_metrics(token_stat_sums: torch.Tensor, counts: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token metrics of one micro-batch as (numerator, denominator) sums, from the policy stream's
+    ``token_stat_sums`` [3, 2B] (Σ entropy, Σ mean logit, top-1 count per sequence, chosen first) and its scored
+    rows per sequence ``counts`` [2B]."""
+    pairs = counts.numel() // 2
+    entropy, mean_logits, top1 = token_stat_sums.float()
+    counts = counts.float()
+    chosen_tokens, rejected_tokens = counts[:pairs].sum(), counts[pairs:].sum()
+    return {
+        "entropy": (entropy.sum(), counts.sum()),
+        "logits/chosen": (mean_logits[:pairs].sum(), chosen_tokens),
+        "logits/rejected": (mean_logits[pairs:].sum(), rejected_tokens),
+        "mean_token_accuracy": (top1[:pairs].sum(), chosen_tokens),
+    }
+
+
 class MetricAccumulator:
     """Running per-key sums (device tensors) and pair counts (host ints: sizes need no device read) until
-    :meth:`compute`."""
+    :meth:`compute`; ratio keys (:meth:`update_ratios`) keep device denominators instead."""
 
     def __init__(self):
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._denominators: dict[str, torch.Tensor] = {}
+
+    def update_ratios(self, values: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Accumulate (numerator, denominator) sums: :meth:`compute` reports Σ numerators / Σ denominators."""
+        for key, (numerator, denominator) in values.items():
+            self._sums[key] = self._sums[key] + numerator if key in self._sums else numerator
+            self._denominators[key] = (self._denominators[key] + denominator if key in self._denominators
+                                       else denominator)
 
     def update(self, values: dict[str, torch.Tensor]) -> None:
         for key, value in values.items():
@@ -67,12 +96,15 @@ class MetricAccumulator:
         if not self._sums:
             return {}
         keys = sorted(self._sums)
-        sums = torch.stack([self._sums[k] for k in keys])
-        counts = torch.tensor([float(self._counts[k]) for k in keys], dtype=sums.dtype, device=sums.device)
+        sums = torch.stack([self._sums[k].to(torch.float32) for k in keys])
+        counts = torch.stack([self._denominators[k].to(sums) if k in self._denominators
+                              else torch.tensor(float(self._counts[k]), dtype=sums.dtype, device=sums.device)
+                              for k in keys])
         stacked = torch.stack([sums, counts])
         if reduce_sum is not None:
             stacked = reduce_sum(stacked)
         sums, counts = stacked.double().cpu().unbind(0)
         self._sums.clear()
         self._counts.clear()
+        self._denominators.clear()
         return {key: float(total / count) for key, total, count in zip(keys, sums, counts, strict=True) if count > 0}

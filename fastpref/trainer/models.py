@@ -18,7 +18,7 @@ from fastpref.model.head import unwrap_causal_lm
 from fastpref.model.prefix_kv import gathered_parameters
 from fastpref.model.tree_stream import attention_mask_for, build_tree_batch
 from fastpref.trainer.config import PreferenceConfig
-from fastpref.trainer.ref_store import model_fingerprint
+from fastpref.trainer.ref_store import fingerprint, model_fingerprint
 
 
 def is_peft_model(model: torch.nn.Module) -> bool:
@@ -31,13 +31,13 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def resolve_tokenizer(model, processing_class):
+def resolve_tokenizer(model, processing_class, trust_remote_code: bool = False):
     """The tokenizer: the given one, the one saved next to a model path, or fastpref's local tokenizer."""
     if processing_class is not None:
         return processing_class
     if isinstance(model, str) and os.path.isdir(model):
         with contextlib.suppress(OSError, ValueError):
-            return AutoTokenizer.from_pretrained(model)
+            return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
     from fastpref.data.tokenizer import build_tokenizer
 
     return build_tokenizer()
@@ -53,10 +53,12 @@ def align_special_tokens(model: PreTrainedModel, tokenizer) -> PreTrainedModel:
     return model
 
 
-def init_kwargs(args: PreferenceConfig) -> dict | None:
-    if isinstance(args.model_init_kwargs, str):
-        return json.loads(args.model_init_kwargs)
-    return args.model_init_kwargs
+def init_kwargs(args: PreferenceConfig) -> dict:
+    """``model_init_kwargs`` (a dict or its JSON), with TRL's ``trust_remote_code`` unless they set it."""
+    kwargs = args.model_init_kwargs
+    kwargs = dict(json.loads(kwargs) if isinstance(kwargs, str) else kwargs or {})
+    kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return kwargs
 
 
 def resolve_model(model, tokenizer, args: PreferenceConfig) -> PreTrainedModel:
@@ -73,7 +75,20 @@ def resolve_model(model, tokenizer, args: PreferenceConfig) -> PreTrainedModel:
     if not os.path.isdir(model):
         raise ValueError(f"model {model!r} is neither a local model directory nor a built-in name "
                          f"({', '.join(MODEL_NAMES)}); this build loads no models from a hub")
-    return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs(args) or {}))
+    return AutoModelForCausalLM.from_pretrained(model, **init_kwargs(args))
+
+
+def pad_token_id(tokenizer, args: PreferenceConfig) -> int:
+    """The padding id: ``args.pad_token`` (TRL's deprecated field), else the tokenizer's pad token, else its eos
+    token (as TRL)."""
+    token = args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+    if token is None:
+        raise ValueError("processing_class has neither a pad nor an eos token: set tokenizer.pad_token")
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        what = "pad_token" if args.pad_token else "the tokenizer's pad token"
+        raise ValueError(f"{what} {token!r} is not in the tokenizer's vocabulary")
+    return token_id
 
 
 def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
@@ -87,23 +102,40 @@ def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
 
 
 def reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
-    """Fingerprint of the reference: ``ref_model``, else the policy (a peft policy: its base without adapters, or
-    with the frozen :data:`REFERENCE_ADAPTER` copy when it has one). ZeRO-3-partitioned weights are gathered
-    for it (a shard would fingerprint one rank's slice)."""
+    """Fingerprint of the effective reference weights: ``ref_model`` (a peft one: its base with its active
+    adapter), else the policy (a peft policy: its base without adapters, or with the frozen
+    :data:`REFERENCE_ADAPTER` copy when it has one). A peft base is fingerprinted under its own parameter names
+    (:func:`base_state_dict`), so full fine-tuning and LoRA runs of the same base share their cache; an adapter
+    in the reference adds its weights and its config (rank, alpha, targets). ZeRO-3-partitioned weights are
+    gathered for it (a shard would fingerprint one rank's slice)."""
     with gathered_parameters(policy if ref_model is None else ref_model):
         return _reference_fingerprint(policy, ref_model)
 
 
 def _reference_fingerprint(policy: torch.nn.Module, ref_model: torch.nn.Module | None) -> str:
+    if ref_model is not None and is_peft_model(ref_model):
+        return peft_reference_fingerprint(ref_model, ref_model.active_adapter)
     if ref_model is not None:
         return model_fingerprint(ref_model)
-    if is_peft_model(policy) and REFERENCE_ADAPTER in policy.peft_config:
-        others = tuple(f".{name}." for name in policy.peft_config if name != REFERENCE_ADAPTER)
-        return model_fingerprint(policy.get_base_model(), exclude=others)
     if is_peft_model(policy):
-        adapters = tuple(f".{name}." for name in policy.peft_config)
-        return model_fingerprint(policy.get_base_model(), exclude=adapters)
+        return peft_reference_fingerprint(policy, REFERENCE_ADAPTER if REFERENCE_ADAPTER in policy.peft_config
+                                          else None)
     return model_fingerprint(policy)
+
+
+def peft_reference_fingerprint(peft_model, adapter: str | None) -> str:
+    """Fingerprint of ``peft_model``'s base (:func:`base_state_dict`) with ``adapter`` on (None: adapters off)."""
+    state = base_state_dict(peft_model)
+    if adapter is None:
+        return model_fingerprint(peft_model.get_base_model(), state=state)
+    marker = f".{adapter}."
+    state.update((name, tensor) for name, tensor in peft_model.get_base_model().state_dict().items()
+                 if marker in name)
+    settings = peft_model.peft_config[adapter].to_dict()
+    for key in ("base_model_name_or_path", "revision", "inference_mode"):
+        settings.pop(key, None)
+    settings = json.dumps(settings, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    return fingerprint(weights=model_fingerprint(peft_model.get_base_model(), state=state), adapter=settings)
 
 
 def resolve_stream_layout(model: torch.nn.Module, args: PreferenceConfig) -> str:
@@ -158,3 +190,35 @@ def reference_adapter(peft_model, active: str):
     finally:
         peft_model.set_adapter(active)
         peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+
+
+BASE_MODEL_DIR = "base_model"
+
+
+def base_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's weights under their own names: every adapter's tensors dropped, peft's wrapper prefixes
+    (``base_layer`` of a LoRA layer, ``original_module`` of a module to save) removed."""
+    adapters = tuple(f".{name}." for name in peft_model.peft_config)
+    state = {}
+    for name, tensor in peft_model.get_base_model().state_dict().items():
+        if any(adapter in name for adapter in adapters):
+            continue
+        state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
+    return state
+
+
+def save_unnamed_base(peft_model, directory: str) -> bool:
+    """Save the base of a peft model built from a config (no ``base_model_name_or_path`` to reload it from) to
+    ``directory`` and point every adapter config at its absolute path, so the saved adapter reloads offline with
+    ``AutoPeftModelForCausalLM.from_pretrained``. LoRA leaves the base weights as they were, so one copy serves
+    every checkpoint. Returns whether it saved (False: the base already has a name or path)."""
+    configs = peft_model.peft_config.values()
+    if all(config.base_model_name_or_path for config in configs):
+        return False
+    path = os.path.abspath(directory)
+    base = peft_model.get_base_model()
+    base.save_pretrained(path, state_dict=base_state_dict(peft_model))
+    for config in configs:
+        if not config.base_model_name_or_path:
+            config.base_model_name_or_path = path
+    return True

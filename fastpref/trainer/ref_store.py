@@ -103,10 +103,12 @@ def fingerprint(**parts: Any) -> str:
     return _digest(fingerprint_parts(**parts))
 
 
-def model_fingerprint(model: torch.nn.Module, *, exclude: tuple[str, ...] = ()) -> str:
+def model_fingerprint(model: torch.nn.Module, *, exclude: tuple[str, ...] = (),
+                      state: Mapping[str, torch.Tensor] | None = None) -> str:
     """sha256 of a model's config (when it has one; entries that do not change what it computes left out) and
     every parameter and buffer, by name and value, except those whose name contains one of ``exclude`` (e.g. a
-    peft adapter's ``.default.``: the base model's fingerprint without its adapters)."""
+    peft adapter's ``.default.``: the base model's fingerprint without its adapters). ``state``, when given,
+    replaces ``model.state_dict()`` (the weights under other names, e.g. a peft base's own)."""
     config = getattr(model, "config", None)
     config_dict = {}
     if config is not None:
@@ -118,7 +120,7 @@ def model_fingerprint(model: torch.nn.Module, *, exclude: tuple[str, ...] = ()) 
             config_dict.pop(key, None)
     digest = hashlib.sha256()
     _feed(digest, json.dumps(config_dict, sort_keys=True, default=str))
-    for name, tensor in model.state_dict(keep_vars=False).items():
+    for name, tensor in (model.state_dict(keep_vars=False) if state is None else state).items():
         if any(marker in name for marker in exclude):
             continue
         _feed(digest, name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import warnings
 
 import torch
@@ -35,10 +36,10 @@ from fastpref.trainer.config import PreferenceConfig
 from fastpref.trainer.curves import write_training_record
 from fastpref.trainer.listwise import (LISTWISE_BATCH_COLUMNS, LISTWISE_REF_COLUMN, ListwiseCollator, is_listwise,
                                        scatter_rows, tokenize_listwise_dataset)
-from fastpref.trainer.metrics import MetricAccumulator, listwise_metrics, pair_metrics
-from fastpref.trainer.models import (add_reference_adapter, check_vocabulary, disable_dropout, is_peft_model,
-                                     reference_adapter, reference_fingerprint, resolve_model, resolve_stream_layout,
-                                     resolve_tokenizer)
+from fastpref.trainer.metrics import MetricAccumulator, listwise_metrics, pair_metrics, token_metrics
+from fastpref.trainer.models import (BASE_MODEL_DIR, add_reference_adapter, check_vocabulary, disable_dropout,
+                                     is_peft_model, pad_token_id, reference_adapter, reference_fingerprint,
+                                     resolve_model, resolve_stream_layout, resolve_tokenizer, save_unnamed_base)
 from fastpref.trainer.ref_cache import (attach_columns, cache_fingerprint, collated_rows_fingerprint,
                                         compute_reference_logps, load_or_compute, ref_columns)
 from fastpref.trainer.ref_store import RefLogpsStore
@@ -70,9 +71,8 @@ class PreferenceTrainer(Trainer):
     def __init__(self, model, ref_model=None, args: PreferenceConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, **kwargs):
         args = _checked_args(args)
-        tokenizer = resolve_tokenizer(model, processing_class)
-        if tokenizer.pad_token_id is None:
-            raise ValueError("processing_class has no pad token: set tokenizer.pad_token")
+        tokenizer = resolve_tokenizer(model, processing_class, args.trust_remote_code)
+        pad_id = pad_token_id(tokenizer, args)
         set_seed(args.seed)  # as TRL: before the model and its peft adapters are built (their init draws from the RNG)
         model = _policy_model(model, tokenizer, args, peft_config)
         self._policy_adapter = None  # the trained adapter of a policy that came with its own (see models.py)
@@ -87,13 +87,17 @@ class PreferenceTrainer(Trainer):
             layout = "padded"
         args.stream_layout = self.stream_layout = layout
         args.padding_free = self.stream_layout != "padded"
+        if args.pad_to_multiple_of is not None and args.padding_free:
+            raise ValueError(f"pad_to_multiple_of={args.pad_to_multiple_of} pads the padded layout; the resolved "
+                             f"stream_layout is {self.stream_layout!r} (no padding): set stream_layout='padded'")
         train_dataset = self._tokenize(train_dataset, tokenizer, args, "train")
         eval_dataset = self._tokenize(eval_dataset, tokenizer, args, "eval")
         self._aug_prefix = refinement_prefix(model, tokenizer, args, train_dataset, eval_dataset)
         if data_collator is None and args.is_listwise:
-            data_collator = ListwiseCollator(tokenizer.pad_token_id, layout=self.stream_layout)
+            data_collator = ListwiseCollator(pad_id, layout=self.stream_layout)
         if data_collator is None:
-            data_collator = StepCollator(tokenizer.pad_token_id, with_augmented=args.uses_augmented_stream,
+            data_collator = StepCollator(pad_id, with_augmented=args.uses_augmented_stream,
+                                         pad_to_multiple_of=args.pad_to_multiple_of,
                                          layout=self.stream_layout, ld_alpha=args.ld_alpha,
                                          aug_prefix=self._aug_prefix)
         self._policy_prefix = StepPrefixKV(self._aug_prefix) if self._aug_prefix else None
@@ -104,6 +108,9 @@ class PreferenceTrainer(Trainer):
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self._eval_prefix = "eval"  # the metric_key_prefix of the evaluate() running now (one per eval dataset)
         self.reference_passes = 0
+        self._base_saved = False  # see _save
+        self._train_tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)  # this process's, so far
+        self._counts_tokens = False  # whether the batches report num_tokens (StepCollator's do)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         if self._needs_reference and args.precompute_ref_log_probs:
@@ -167,11 +174,12 @@ class PreferenceTrainer(Trainer):
             unwrapped.train(was_training)
 
     def _stream_logps(self, model, batch: dict, prefix: str, wpo_weights: bool = False,
-                      cached: PrefixKV | None = None) -> StreamLogps:
+                      cached: PrefixKV | None = None, token_stats: bool = False) -> StreamLogps:
         """Log-probs of stream ``prefix`` of a batch; ``cached``: the refinement prefix's keys/values, which the
         augmented stream continues (then the pass runs in eval + inference mode and returns plain tensors)."""
         kwargs = dict(position_ids=batch.get(f"{prefix}position_ids"),
-                      token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights)
+                      token_weights=batch.get(f"{prefix}kept_token_weights"), wpo_weights=wpo_weights,
+                      token_stats=token_stats)
         # Token ids come from the tokenizer, checked against the vocabulary at construction: no per-call value
         # checks (each would be a host sync on CUDA).
         with skip_value_checks(), contextlib.nullcontext() if cached is None else frozen_forward(model):
@@ -358,7 +366,7 @@ class PreferenceTrainer(Trainer):
             loss, out = self._listwise_loss(model, inputs, "train" if model.training else "eval")
             return (loss, out) if return_outputs else loss
         mode = "train" if model.training else "eval"
-        policy = self._stream_logps(model, inputs, "", wpo_weights=args.use_weighting)
+        policy = self._stream_logps(model, inputs, "", wpo_weights=args.use_weighting, token_stats=True)
         pairs = policy.logps.numel() // 2
         chosen, rejected = policy.logps[:pairs], policy.logps[pairs:]
         reference = self._reference_logps(inputs, "")
@@ -373,6 +381,10 @@ class PreferenceTrainer(Trainer):
                 args.beta, refine["aug_chosen_logps"], refine["aug_rejected_logps"], refine["aug_ref_chosen_logps"],
                 refine["aug_ref_rejected_logps"])
         self._metrics[mode].update(pair_metrics(out, chosen, rejected, delta, args.refine_lambda))
+        self._metrics[mode].update_ratios(token_metrics(policy.token_stat_sums, policy.counts))
+        if mode == "train" and "num_tokens" in inputs:  # a data_collator of the user's may not count them
+            self._train_tokens = self._train_tokens + inputs["num_tokens"]
+            self._counts_tokens = True
         return (out.loss, out) if return_outputs else out.loss
 
     # ---- training, logging and evaluation --------------------------------------------------------------------
@@ -395,6 +407,8 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode].compute(reduce_sum=lambda t: self.accelerator.reduce(t, "sum"))
+        if metrics and self._counts_tokens:  # TRL's total of training tokens so far, beside each mode's metrics
+            metrics["num_tokens"] = float(self.accelerator.reduce(self._train_tokens, "sum"))
         if mode == "eval":
             metrics = {f"{self._eval_prefix}_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
@@ -416,6 +430,14 @@ class PreferenceTrainer(Trainer):
                                     metric_key_prefix=metric_key_prefix)
         finally:
             self._eval_prefix = outer_prefix
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """As ``Trainer._save``; a peft policy built from a config (a built-in name) first gets its base saved once,
+        to ``args.output_dir/base_model``, which every saved adapter then names as its base."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and is_peft_model(policy) and not self._base_saved:
+            self._base_saved = save_unnamed_base(policy, os.path.join(self.args.output_dir, BASE_MODEL_DIR))
+        super()._save(output_dir, state_dict)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
