@@ -109,7 +109,9 @@ setup(
             "tokenizers>=0.21",
             "tqdm",
         ],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7", "trl>=1.0"],
+        # deepspeed: the ZeRO-2/3 engine tests (tests/test_engines.py) run on CPU in CI; Linux only
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "matplotlib>=3.7", "trl>=1.0",
+                 "deepspeed>=0.18; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["fastpref=fastpref.cli:main"]},
     zip_safe=False,
