@@ -107,8 +107,8 @@ def test_good_conversational_and_scored_files_still_load(tmp_path):
     assert load_preference_dataset(_jsonl(tmp_path, [GOOD] * 3)).to_list() == [GOOD] * 3
 
 
-RANKED = [{"prompt": f"Q{i}:", "completions": [f" a{i}", " b", " c"][: 2 + i % 2], "scores": [1.0, 0.5, -2.0][: 2 + i % 2]}
-          for i in range(4)]
+RANKED = [{"prompt": f"Q{i}:", "completions": [f" a{i}", " b", " c"][: 2 + i % 2],
+           "scores": [1.0, 0.5, -2.0][: 2 + i % 2]} for i in range(4)]
 
 
 def test_ranked_rows_load_from_every_pair_source(tmp_path):

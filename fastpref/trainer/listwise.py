@@ -4,14 +4,15 @@ Format: ``prompt``, ``completions`` (K responses, strings or message lists, K �
 (K floats, higher is better). Tokenization (:func:`fastpref.data.tokenization.tokenize_ranked`) splits each
 (prompt, y_k) as :func:`fastpref.data.tokenize_pair` does into ``prompt_input_ids`` and ``completions_input_ids``
 (K token lists) and truncates the row as a pair: prompt + the longest y_k ≤ ``max_length``, every y_k cut the
-same way; every y_k must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows, or
-(``stream_layout="tree"``) as one tree stream with each prompt once and K branches, and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
-cached, ``ref_completions_logps`` [B, K_max]. The reference log-probs are cached like the pairs' under a
-fingerprint of the reference, the prompt and completion token ids and the format (stream ``"listwise"``).
+same way; every y_k must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as
+padded rows, or (``stream_layout="tree"``) as one tree stream with each prompt once and K branches, and gives
+``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when cached, ``ref_completions_logps``
+[B, K_max]. The reference log-probs are cached like the pairs' under a fingerprint of the reference, the prompt
+and completion token ids and the format (stream ``"listwise"``).
 
-A row that does not fit ``max_length`` after truncation (``keep_start`` with a prompt that fills it) is dropped
-with one warning that counts them, as pairs are. Limits: the packed layout (``"auto"`` picks padded or tree), token weights (``ld_alpha``) and WPO weighting are refused by
-:class:`fastpref.PreferenceConfig`.
+A row that does not fit ``max_length`` after truncation (``keep_start`` with a prompt that fills it) is dropped,
+as pairs are, with one warning that counts them. Limits: the packed layout (``"auto"`` picks padded or tree),
+token weights (``ld_alpha``) and WPO weighting are refused by :class:`fastpref.PreferenceConfig`.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ token ids, the per-pair columns kept, and an ``example_index`` column added (the
 
 Rows that cannot be trained on after truncation (a prompt that fills ``max_length`` under ``keep_start``
 leaves an empty response) are dropped, as TRL drops them, with one warning that counts them and quotes the
-first reason (:func:`map_fitting_rows`, which the listwise path's ranked rows share); any other tokenization error
-is raised. Pairs whose chosen and rejected tokens are identical carry
-no preference signal (every DPO-family loss sees a zero margin) and are dropped with one warning unless
-``args.keep_identical_pairs``. Empty responses (nothing but the eos token) are kept, as TRL keeps them (an empty
+first reason (:func:`map_fitting_rows`, which the listwise path's ranked rows share); any other tokenization
+error is raised. Pairs whose chosen and rejected tokens, and token weights when given, are identical carry no
+preference signal (every DPO-family loss sees a zero margin and no gradient) and are dropped with one warning
+unless ``args.keep_identical_pairs``; the same tokens under different token weights have different weighted
+log-probs and are kept. Empty responses (nothing but the eos token) are kept, as TRL keeps them (an empty
 rejected answer can be meant), with one warning that counts them. Each warning names a few row indices; when
 no pair is left the error says why.
 """
@@ -111,12 +112,26 @@ def _check_token_weights(dataset, name: str) -> None:
                     raise ValueError(f"{name} row {row}: {error}") from error
 
 
+def _same_weights(dataset, rows: list[int]) -> list[int]:
+    """The ``rows`` whose chosen and rejected token weights are equal too (a side without weights, None or no
+    column, weighs its tokens 1): only they are no-ops for the loss; different weights give different weighted
+    log-probs, a margin."""
+    picked = dataset.select(rows)
+    lengths = [len(ids) for ids in picked["chosen_input_ids"]]
+    weights = [[w if w is not None else [1.0] * n
+                for w, n in zip(picked[c] if c in picked.column_names else [None] * len(rows), lengths, strict=True)]
+               for c in TOKEN_WEIGHT_COLUMNS]
+    return [row for row, c, r in zip(rows, *weights, strict=True) if list(c) == list(r)]
+
+
 def _check_pairs(dataset, row_numbers: list[int], eos_token_id: int | None, keep_identical: bool, name: str):
     """``dataset`` (tokenized) with a warning for empty responses and identical pairs (dropped unless
     ``keep_identical``); a ValueError when dropping leaves no pair. Warnings name rows by ``row_numbers`` (each
     row's number in the dataset as given, before rows that do not fit max_length were dropped)."""
     chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
     identical = [i for i, (c, r) in enumerate(zip(chosen, rejected)) if c == r]
+    if identical and set(TOKEN_WEIGHT_COLUMNS) & set(dataset.column_names):
+        identical = _same_weights(dataset, identical)
     empty = {"chosen": [i for i, ids in enumerate(chosen) if list(ids) in ([], [eos_token_id])],
              "rejected": [i for i, ids in enumerate(rejected) if list(ids) in ([], [eos_token_id])]}
 
