@@ -24,7 +24,7 @@ from fastpref.data import (
 )
 from fastpref.data import synthetic
 from fastpref.data.tiny_models import MODEL_NAMES, build_model
-from fastpref.data.tokenization import TRUNCATION_MODES, refinement_prefix_ids
+from fastpref.data.tokenization import TRUNCATION_MODES, refinement_prefix_ids, tokenize_ranked
 from fastpref.data.tokenizer import build_tokenizer
 
 
@@ -329,6 +329,37 @@ def test_max_prompt_length_and_errors(tokenizer):
         tokenize_pair(ROW, tokenizer, refinement_prompt="")
     with pytest.raises(ValueError, match="'chosen' must be a string"):
         tokenize_pair({**ROW, "chosen": 3}, tokenizer)
+
+
+RANKED_ROW = {"prompt": "Question: what is the sum of 17 and 25, given as digits?",
+              "completions": [" 42, since 17 + 25 = 42 exactly.", " 41", " It is 42."]}
+
+
+@pytest.mark.parametrize("mode, max_length", [(mode, None) for mode in TRUNCATION_MODES] + [
+    ("keep_end", 9), ("keep_end", 13), ("keep_end", 41), ("keep_end", 60),
+    ("keep_start", 41), ("keep_start", 44), ("keep_start", 49)])  # the prompt has 36 tokens, the completions 29, 4, 9
+def test_ranked_row_truncates_as_a_pair(tokenizer, mode, max_length):
+    """Each completion is cut as a pair of it and the longest completion is: one prompt for all K (keep_end used to
+    cut the prompt per completion and then refuse the row for its different prompts)."""
+    out = tokenize_ranked(RANKED_ROW, tokenizer, max_length=max_length, truncation_mode=mode)
+    assert len({len(ids) for ids in out["completions_input_ids"]}) > 1  # ragged: the longest one decides
+    longest = RANKED_ROW["completions"][0]
+    for completion, ids in zip(RANKED_ROW["completions"], out["completions_input_ids"], strict=True):
+        pair = tokenize_pair({"prompt": RANKED_ROW["prompt"], "chosen": completion, "rejected": longest}, tokenizer,
+                             max_length=max_length, truncation_mode=mode)
+        assert out["prompt_input_ids"] == pair["prompt_input_ids"]
+        assert ids == pair["chosen_input_ids"]
+        assert max_length is None or len(out["prompt_input_ids"]) + len(ids) <= max_length
+
+
+def test_ranked_row_errors(tokenizer):
+    prompt = tokenize_pair({**RANKED_ROW, "chosen": "a", "rejected": "b"}, tokenizer, max_length=None)
+    with pytest.raises(ValueError, match=r"empty completions\[0\] response after truncation"):
+        tokenize_ranked(RANKED_ROW, tokenizer, max_length=len(prompt["prompt_input_ids"]), truncation_mode="keep_start")
+    with pytest.raises(ValueError, match="different prompt tokens"):
+        tokenize_ranked({"prompt": "Answer: the", "completions": [" n", "n"]}, tokenizer)
+    with pytest.raises(ValueError, match="truncation_mode"):
+        tokenize_ranked(RANKED_ROW, tokenizer, truncation_mode="left")
 
 
 def test_tokenized_demo_sequences_are_short(tokenizer):

@@ -105,3 +105,26 @@ def test_good_conversational_and_scored_files_still_load(tmp_path):
     datasets.Dataset.from_list([conversational]).to_parquet(str(tmp_path / "c.parquet"))
     assert load_preference_dataset(tmp_path / "c.parquet")[0]["chosen"] == [{"role": "assistant", "content": "4"}]
     assert load_preference_dataset(_jsonl(tmp_path, [GOOD] * 3)).to_list() == [GOOD] * 3
+
+
+RANKED = [{"prompt": f"Q{i}:", "completions": [f" a{i}", " b", " c"][: 2 + i % 2],
+           "scores": [1.0, 0.5, -2.0][: 2 + i % 2]} for i in range(4)]
+
+
+def test_ranked_rows_load_from_every_pair_source(tmp_path):
+    """Ranked (listwise) rows load from parquet and save_to_disk folders (a Dataset's, a DatasetDict's split) as
+    from JSONL, each row checked and located."""
+    datasets.Dataset.from_list(RANKED).to_parquet(str(tmp_path / "r.parquet"))
+    datasets.Dataset.from_list(RANKED).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(RANKED)}).save_to_disk(str(tmp_path / "dict"))
+    assert load_preference_dataset(_jsonl(tmp_path, RANKED)).to_list() == RANKED
+    assert load_preference_dataset(tmp_path / "r.parquet").to_list() == RANKED
+    assert load_preference_dataset(tmp_path / "saved").to_list() == RANKED
+    assert load_preference_dataset(tmp_path / "dict", split="train").to_list() == RANKED
+    bad = [RANKED[0], {**RANKED[1], "scores": [1.0, float("nan"), 0.0]}]
+    datasets.Dataset.from_list(bad).to_parquet(str(tmp_path / "bad.parquet"))
+    assert _error(tmp_path / "bad.parquet").startswith(f"{tmp_path / 'bad.parquet'}, row index 1: rows[1] scores "
+                                                       "must be finite")
+    datasets.Dataset.from_list([RANKED[0], {**RANKED[0], "completions": None}]).save_to_disk(str(tmp_path / "null"))
+    assert _error(tmp_path / "null").startswith(f"{tmp_path / 'null'}, row index 1: rows[1] 'completions' must be a "
+                                                "list, got NoneType")

@@ -80,3 +80,28 @@ def test_a_trained_adapter_as_reference_has_its_own_fingerprint():
     assert REFERENCE_ADAPTER in policy.peft_config
     as_ref_model = _trained_adapter()  # the same adapter given as ref_model (its active adapter on)
     assert reference_fingerprint(tiny_model(), as_ref_model) != base
+
+
+def test_the_cache_follows_the_token_ids_not_the_tokenizer_class(tmp_path):
+    """The key hashes every row's token ids (what the reference scores), not the tokenizer: the same vocabulary
+    reloaded as another class (Qwen2Tokenizer, PreTrainedTokenizerFast) reuses the cache; another encoding (other
+    merges) does not."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    from fastpref.data.tokenizer import build_tokenizer
+
+    TOKENIZER.save_pretrained(tmp_path / "tokenizer")
+    reloaded = [cls.from_pretrained(tmp_path / "tokenizer") for cls in (Qwen2Tokenizer, PreTrainedTokenizerFast)]
+    other = build_tokenizer(vocab_size=300)  # fewer merges: every row encodes to other ids
+    assert len({type(t) for t in (TOKENIZER, *reloaded)}) > 1
+    first = _trainer(tmp_path, tiny_model(seed=3))
+    assert first.reference_passes > 0
+    for tokenizer in reloaded:
+        again = PreferenceTrainer(tiny_model(seed=3), args=config(tmp_path), train_dataset=demo_rows("train", 6),
+                                  processing_class=tokenizer)
+        assert again.reference_passes == 0
+        assert list(again.train_dataset["ref_chosen_logps"]) == list(first.train_dataset["ref_chosen_logps"])
+    changed = PreferenceTrainer(tiny_model(seed=3), args=config(tmp_path), train_dataset=demo_rows("train", 6),
+                                processing_class=other)
+    assert list(changed.train_dataset["chosen_input_ids"]) != list(first.train_dataset["chosen_input_ids"])
+    assert changed.reference_passes > 0

@@ -160,6 +160,34 @@ def test_changed_token_weights_do_not_reuse_the_reference_cache(tmp_path):
     assert again_logps == first_logps and changed_logps != first_logps
 
 
+def test_identical_tokens_under_different_weights_are_kept(tmp_path):
+    """chosen == rejected tokens with different token weights (or segments) are not a no-op (the weighted log-probs
+    differ): kept; the same tokens and the same weights (a side without weights weighs 1) are still dropped."""
+    same = {"prompt": "Say milk.", "chosen": " milk, then more milk.", "rejected": " milk, then more milk."}
+    n = len(response_tokens(same, TOKENIZER)["chosen"])
+    ramp = [0.25 + 0.5 * i for i in range(n)]
+    rows = [{**EXAMPLE, "chosen_token_weights": None, "rejected_token_weights": None},
+            {**same, "chosen_token_weights": ramp, "rejected_token_weights": ramp[::-1]},  # kept: weights differ
+            {**same, "chosen_token_weights": ramp, "rejected_token_weights": list(ramp)},  # dropped
+            {**same, "chosen_token_weights": [1.0] * n, "rejected_token_weights": None},  # dropped: 1 = no weights
+            {**same, "chosen_token_weights": None, "rejected_token_weights": ramp}]  # kept
+    with pytest.warns(UserWarning, match=r"dropped 2 of 5 pairs with chosen == rejected \(rows 2, 3\)"):
+        trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(rows),
+                                    processing_class=TOKENIZER)
+    assert trainer.train_dataset["rejected_token_weights"][1:] == [ramp[::-1], ramp]
+    tokenized = [{"chosen_token_weights": None, "rejected_token_weights": None, **tokenize_pair(row, TOKENIZER)}
+                 for row in rows]  # the tokenized path checks the same way (None: weight 1)
+    with pytest.warns(UserWarning, match=r"dropped 2 of 5 pairs with chosen == rejected \(rows 2, 3\)"):
+        PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(tokenized),
+                          processing_class=TOKENIZER)
+    segments = [{**same, "chosen_segments": [[1, 5, 2.0]], "rejected_segments": [[0, 3, 0.5]]},  # kept
+                {**same, "chosen_segments": [[1, 5, 2.0]], "rejected_segments": [[1, 5, 2.0]]}]  # dropped
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 pairs with chosen == rejected \(rows 1\)"):
+        trainer = PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=Dataset.from_list(segments),
+                                    processing_class=TOKENIZER)
+    assert len(trainer.train_dataset) == 1
+
+
 MULTI_TURN = {"prompt": [{"role": "user", "content": "Plan a trip"}],
               "chosen": [{"role": "assistant", "content": "Where to?"}, {"role": "user", "content": "Rome, cheap"},
                          {"role": "assistant", "content": "Take the train."}],

@@ -85,8 +85,26 @@ def test_data_and_loss_type_must_agree(tmp_path):
 
 
 def test_bad_ranked_row_is_named(tmp_path):
-    with pytest.raises(ValueError, match="listwise row 1"):
+    with pytest.raises(ValueError, match="train row 1: a ranked row needs K >= 2"):
         _trainer(tmp_path, rows=[ROWS[0], dict(ROWS[1], scores=[1.0])])
+
+
+def test_long_ranked_rows_follow_the_pairs_truncation(tmp_path):
+    """keep_end: every completion cut as in a pair with the longest one, one prompt per row (this raised: the
+    prompt was cut per completion). keep_start with a prompt that fills max_length: the row is dropped with one
+    counted warning, as a pair is; every row so: the 'no … left' error."""
+    trainer = _trainer(tmp_path, max_length=7, truncation_mode="keep_end")
+    assert len(trainer.train_dataset) == len(ROWS)
+    for row in trainer.train_dataset:
+        assert len(row["prompt_input_ids"]) + max(len(y) for y in row["completions_input_ids"]) <= 7
+    long = [dict(ROWS[0], prompt="a long question " * 40), *ROWS[1:]]
+    with pytest.warns(UserWarning, match=r"dropped 1 of 6 ranked rows that do not fit max_length=24 "
+                                         r"\(truncation_mode='keep_start'\); first: empty completions\[0\]"):
+        trainer = _trainer(tmp_path, rows=long, max_length=24, truncation_mode="keep_start")
+    assert trainer.train_dataset["scores"] == [row["scores"] for row in ROWS[1:]]
+    assert trainer.train_dataset["example_index"] == list(range(5))
+    with pytest.raises(ValueError, match=r"no ranked rows left: all 1 ranked rows are longer than max_length=24"):
+        _trainer(tmp_path, rows=long[:1], max_length=24, truncation_mode="keep_start")
 
 
 def test_cli_train_on_listwise_jsonl(tmp_path, capsys):

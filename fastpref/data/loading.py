@@ -4,6 +4,7 @@ Columns: ``chosen`` and ``rejected`` (required), ``prompt`` (explicit prompt; wi
 longest shared start of chosen and rejected — TRL's "implicit prompt"), optional ``score_chosen``,
 ``score_rejected``, ``tau``, ``offset``, ``ref_chosen_logps``, ``ref_rejected_logps``.
 Standard format: the columns are strings. Conversational format: lists of ``{"role", "content"}`` messages.
+Ranked rows (``prompt``, ``completions``, ``scores``: the listwise format) load from the same sources.
 Rows are checked before a dataset is built: bad data raises :class:`PreferenceDataError` naming the file, the
 line (JSONL) or row, and the column.
 """
@@ -155,15 +156,20 @@ def _rows_dataset(path: Path):
     if not rows:
         raise PreferenceDataError(f"{path}: no rows")
     if "completions" in rows[0]:  # ranked rows (prompt, completions, scores): the listwise format
-        from fastpref.data.ranked import check_ranked_row
-
-        for index, (row, where) in enumerate(zip(rows, places)):
-            _located(lambda r: check_ranked_row(index, r), row, where)
+        _check_ranked_rows(rows, places)
         return datasets.Dataset.from_list(rows)
     check_rows(rows, places)
     if "prompt" not in rows[0]:
         rows = [_located(extract_prompt, row, where) for row, where in zip(rows, places)]
     return datasets.Dataset.from_list(rows)
+
+
+def _check_ranked_rows(rows, places) -> None:
+    """:func:`fastpref.data.ranked.check_ranked_row` on each ranked row, errors located by ``places``."""
+    from fastpref.data.ranked import check_ranked_row
+
+    for index, (row, where) in enumerate(zip(rows, places)):
+        _located(lambda r: check_ranked_row(index, r), row, where)
 
 
 def _located(function, row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -216,8 +222,8 @@ def load_preference_dataset(path_or_name: str | os.PathLike, *, split: str | Non
     ``path_or_name``: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a directory written by
     ``Dataset.save_to_disk`` (or a ``DatasetDict``'s, then ``split`` picks the part), or ``"demo"`` — the
     bundled synthetic set, whose ``split`` is ``"train"`` (its first ``DEMO_TRAIN_SIZE`` rows), ``"test"``
-    (the rest, held out) or None (all rows). A JSONL / JSON file of ranked rows (``prompt``, ``completions``,
-    ``scores``: the listwise format, :mod:`fastpref.trainer.listwise`) loads as is, each row checked.
+    (the rest, held out) or None (all rows). Ranked rows (``prompt``, ``completions``, ``scores``: the listwise
+    format, :mod:`fastpref.trainer.listwise`) load as they are from any of these sources, each row checked.
     """
     import datasets
 
@@ -247,6 +253,9 @@ def load_preference_dataset(path_or_name: str | os.PathLike, *, split: str | Non
         return _rows_dataset(path)
     else:
         raise ValueError(f"path_or_name: unsupported file type {path.suffix!r} (want .jsonl, .json, .parquet)")
+    if "completions" in dataset.column_names:  # ranked rows, as from a JSONL file
+        _check_ranked_rows(dataset, (f"{path}, row index {i}" for i in range(len(dataset))))
+        return dataset
     missing = {"chosen", "rejected"} - set(dataset.column_names)
     if missing:
         raise PreferenceDataError(f"{path}: preference data needs columns {sorted(missing)}; has "

@@ -20,6 +20,9 @@ def check_ranked_row(index: int, row) -> tuple[object, list, list[float]]:
     """(prompt, completions, scores) of ranked row ``index``; ValueError naming the row when malformed."""
     if not isinstance(row, Mapping) or any(key not in row for key in ("prompt", "completions", "scores")):
         raise ValueError(f"rows[{index}] must be a mapping with 'prompt', 'completions' and 'scores'")
+    for key in ("completions", "scores"):
+        if not isinstance(row[key], (list, tuple)):
+            raise ValueError(f"rows[{index}] {key!r} must be a list, got {type(row[key]).__name__}")
     completions, scores = list(row["completions"]), list(row["scores"])
     if len(completions) != len(scores):
         raise ValueError(f"rows[{index}] has {len(completions)} completions but {len(scores)} scores (they must match)")

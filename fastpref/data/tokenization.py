@@ -12,7 +12,8 @@ message (``"last_user_turn"``: the query, inside that user turn) or at the start
 (``"before_conversation"``: before the whole multi-turn conversation, as the paper does for multi-turn text).
 The responses are the same token ids as in the plain pair.
 
-Truncation, so that prompt + longer response ≤ ``max_length`` (the prompt is shared by both responses):
+Truncation, so that prompt + longer response ≤ ``max_length`` (the prompt is shared by both responses; a ranked
+row's K completions, :func:`tokenize_ranked`, share it the same way: prompt + the longest ≤ ``max_length``):
 
 1. ``max_prompt_length`` (if given) cuts the prompt: ``keep_end`` keeps its last tokens, ``keep_start`` its first.
 2. ``keep_end``: the prompt loses its start (the query next to the response survives); only if a response
@@ -160,21 +161,35 @@ def _tokenize_texts(example: dict, tokenizer, refinement_prompt: str | None, pos
     return (*ids, aug)
 
 
-def _truncate(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None,
-              max_prompt_length: int | None, mode: str) -> tuple[range, list[int], list[int]]:
-    """The kept prompt positions and the (possibly cut) responses."""
+def _truncate(prompt: list[int], responses: list[list[int]], max_length: int | None,
+              max_prompt_length: int | None, mode: str) -> tuple[range, list[list[int]]]:
+    """The kept prompt positions and the (possibly cut) responses that share the prompt: prompt + the longest
+    response ≤ ``max_length`` (module docstring)."""
     start, stop = 0, len(prompt)
     if max_prompt_length is not None and stop > max_prompt_length:
         start, stop = (stop - max_prompt_length, stop) if mode == "keep_end" else (0, max_prompt_length)
-    longest = max(len(chosen), len(rejected))
+    longest = max(len(response) for response in responses)
     if max_length is not None and (stop - start) + longest > max_length:
         if mode == "keep_end":
             start = max(start, stop - max(max_length - longest, 1))
         else:
             stop = min(stop, start + max_length)
         room = max_length - (stop - start)
-        chosen, rejected = chosen[:room], rejected[:room]
-    return range(start, stop), chosen, rejected
+        responses = [response[:room] for response in responses]
+    return range(start, stop), responses
+
+
+def _check_truncation(max_length: int | None, max_prompt_length: int | None, truncation_mode: str) -> None:
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    for name, value, least in (("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1)):
+        if value is not None and (not isinstance(value, int) or value < least):
+            raise ValueError(f"{name} must be None or an int >= {least}, got {value!r}")
+
+
+def _empty_after_truncation(name: str, prompt: list[int], max_length: int | None, mode: str) -> ValueError:
+    return ValueError(f"empty {name} response after truncation: the prompt ({len(prompt)} tokens) fills "
+                      f"max_length={max_length} with truncation_mode={mode!r}")
 
 
 def _augmented_kept(plain: list[int], aug: list[int], kept: range) -> list[int]:
@@ -202,22 +217,17 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
     problem for an empty
     prompt or an empty response (before or after truncation) and for bad arguments.
     """
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    _check_truncation(max_length, max_prompt_length, truncation_mode)
     if refinement_position not in REFINEMENT_POSITIONS:
         raise ValueError(f"refinement_position must be one of {REFINEMENT_POSITIONS}, got {refinement_position!r}")
-    for name, value, least in (("max_length", max_length, 2), ("max_prompt_length", max_prompt_length, 1)):
-        if value is not None and (not isinstance(value, int) or value < least):
-            raise ValueError(f"{name} must be None or an int >= {least}, got {value!r}")
     if refinement_prompt is not None and (not isinstance(refinement_prompt, str) or not refinement_prompt):
         raise ValueError(f"refinement_prompt must be None or a non-empty string, got {refinement_prompt!r}")
     split = split_pair(example, tokenizer, refinement_prompt, refinement_position)
     prompt, chosen, rejected = split.prompt_full[:split.prompt_len], split.chosen, split.rejected
-    kept, chosen, rejected = _truncate(prompt, chosen, rejected, max_length, max_prompt_length, truncation_mode)
+    kept, (chosen, rejected) = _truncate(prompt, [chosen, rejected], max_length, max_prompt_length, truncation_mode)
     for name, ids in (("chosen", chosen), ("rejected", rejected)):
         if not ids:
-            raise ValueError(f"empty {name} response after truncation: the prompt ({len(prompt)} tokens) fills "
-                             f"max_length={max_length} with truncation_mode={truncation_mode!r}")
+            raise _empty_after_truncation(name, prompt, max_length, truncation_mode)
     out = {"prompt_input_ids": prompt[kept.start:kept.stop], "chosen_input_ids": chosen,
            "rejected_input_ids": rejected}
     out.update(_response_weights(split, tokenizer, {"chosen": len(chosen), "rejected": len(rejected)},
@@ -227,6 +237,32 @@ def tokenize_pair(example: dict[str, Any], tokenizer, *, refinement_prompt: str 
         aug = split.aug_full[:len(split.aug_full) - (len(split.prompt_full) - split.prompt_len)]
         out["aug_prompt_input_ids"] = _augmented_kept(prompt, aug, kept)
     return out
+
+
+def tokenize_ranked(example: dict[str, Any], tokenizer, *, max_length: int | None = 1024,
+                    max_prompt_length: int | None = None, truncation_mode: str = TRUNCATION_MODES[0]
+                    ) -> dict[str, list]:
+    """Tokenize a ranked example (``prompt``, ``completions``: K responses) as K pairs would be, truncated as one
+    pair is: the prompt and every completion follow :func:`tokenize_pair`'s rule for prompt + the longest
+    completion ≤ ``max_length`` (module docstring), so all K share one prompt.
+
+    Returns ``prompt_input_ids`` and ``completions_input_ids`` (K token lists). Raises ``ValueError`` when the
+    completions leave different prompt tokens (a completion merges with the prompt's last token), and like
+    :func:`tokenize_pair` for an empty prompt or completion (before or after truncation) and for bad arguments.
+    """
+    _check_truncation(max_length, max_prompt_length, truncation_mode)
+    splits = [split_pair({"prompt": example["prompt"], "chosen": y, "rejected": y}, tokenizer, None)
+              for y in example["completions"]]
+    prompt = splits[0].prompt_full[:splits[0].prompt_len]
+    if any(split.prompt_full[:split.prompt_len] != prompt for split in splits[1:]):
+        raise ValueError("the completions leave different prompt tokens (a completion merges with the prompt's "
+                         "last token); start each completion on a token boundary")
+    kept, completions = _truncate(prompt, [split.chosen for split in splits], max_length, max_prompt_length,
+                                  truncation_mode)
+    for k, ids in enumerate(completions):
+        if not ids:
+            raise _empty_after_truncation(f"completions[{k}]", prompt, max_length, truncation_mode)
+    return {"prompt_input_ids": prompt[kept.start:kept.stop], "completions_input_ids": completions}
 
 
 class SplitPair(NamedTuple):

@@ -96,8 +96,9 @@ class PreferenceConfig(TrainingArguments):
         default=TRUNCATION_MODES[0], metadata={"help": "Truncation when a sequence exceeds max_length.",
                                          "choices": list(TRUNCATION_MODES)})
     keep_identical_pairs: bool = field(
-        default=False, metadata={"help": "Train on pairs whose chosen and rejected tokens are identical (dropped "
-                                         "by default with a warning: they carry no preference signal)."})
+        default=False, metadata={"help": "Train on pairs whose chosen and rejected tokens (and token weights, when "
+                                         "given) are identical (dropped by default with a warning: they carry no "
+                                         "preference signal)."})
     assistant_only: bool = field(
         default=False, metadata={"help": "Conversational data: weight 0 on the tokens of every non-assistant turn "
                                          "inside a response (multi-turn SDPO/DMPO: the agent turns only)."})

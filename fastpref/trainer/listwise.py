@@ -1,16 +1,18 @@
 """The trainer's listwise path: K ranked responses per prompt (TPO, LiPO; :func:`fastpref.listwise_loss`).
 
 Format: ``prompt``, ``completions`` (K responses, strings or message lists, K ≥ 2, K may vary by row), ``scores``
-(K floats, higher is better). Tokenization runs :func:`fastpref.data.tokenize_pair` on (prompt, y_k) for each k
-(the pairs' truncation) into ``prompt_input_ids`` and ``completions_input_ids`` (K token lists); every y_k
-must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as padded rows, or
-(``stream_layout="tree"``) as one tree stream with each prompt once and K branches, and gives ``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when
-cached, ``ref_completions_logps`` [B, K_max]. The reference log-probs are cached like the pairs' under a
-fingerprint of the reference, the prompt and completion token ids and the format (stream ``"listwise"``).
+(K floats, higher is better). Tokenization (:func:`fastpref.data.tokenization.tokenize_ranked`) splits each
+(prompt, y_k) as :func:`fastpref.data.tokenize_pair` does into ``prompt_input_ids`` and ``completions_input_ids``
+(K token lists) and truncates the row as a pair: prompt + the longest y_k ≤ ``max_length``, every y_k cut the
+same way; every y_k must leave the same prompt tokens. The collator lays the K·B sequences prompt ⊕ y_k out as
+padded rows, or (``stream_layout="tree"``) as one tree stream with each prompt once and K branches, and gives
+``completions_mask`` [B, K_max] for ragged K, ``scores`` [B, K_max] and, when cached, ``ref_completions_logps``
+[B, K_max]. The reference log-probs are cached like the pairs' under a fingerprint of the reference, the prompt
+and completion token ids and the format (stream ``"listwise"``).
 
-Limits: a row that does not fit ``max_length`` after truncation raises (pairs are dropped with a warning); the
-packed layout (``"auto"`` picks padded or tree), token weights (``ld_alpha``) and WPO weighting are refused by
-:class:`fastpref.PreferenceConfig`.
+A row that does not fit ``max_length`` after truncation (``keep_start`` with a prompt that fills it) is dropped,
+as pairs are, with one warning that counts them. Limits: the packed layout (``"auto"`` picks padded or tree),
+token weights (``ld_alpha``) and WPO weighting are refused by :class:`fastpref.PreferenceConfig`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastpref.data import tokenize_pair
+from fastpref.data.tokenization import tokenize_ranked
 from fastpref.logps.inputs import IGNORE_INDEX
 from fastpref.model.head import kept_rows
 from fastpref.model.tree_stream import build_branch_tree
+from fastpref.trainer.tokenize import map_fitting_rows
 
 LISTWISE_TEXT_COLUMNS = ("prompt", "completions", "scores")
 LISTWISE_TOKEN_COLUMN = "completions_input_ids"
@@ -36,29 +39,23 @@ def is_listwise(column_names) -> bool:
     return column_names is not None and ("completions" in column_names or LISTWISE_TOKEN_COLUMN in column_names)
 
 
-def tokenize_ranked_row(example: dict, tokenizer, args, row: int) -> dict:
-    """(prompt, completions, scores) → prompt_input_ids, completions_input_ids, scores; ValueError naming the row."""
+def tokenize_ranked_row(example: dict, tokenizer, args) -> dict:
+    """(prompt, completions, scores) → prompt_input_ids, completions_input_ids, scores
+    (:func:`fastpref.data.tokenization.tokenize_ranked`: the pairs' truncation); ValueError for a bad row."""
     completions, scores = list(example["completions"]), list(example["scores"])
     if len(completions) < 2 or len(completions) != len(scores):
-        raise ValueError(f"listwise row {row}: needs K >= 2 completions and one score each, got "
-                         f"{len(completions)} completions and {len(scores)} scores")
+        raise ValueError(f"a ranked row needs K >= 2 completions and one score each, got {len(completions)} "
+                         f"completions and {len(scores)} scores")
     if not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
-        raise ValueError(f"listwise row {row}: scores must be finite numbers, got {scores}")
-    prompt, ids = None, []
-    for completion in completions:
-        out = tokenize_pair({"prompt": example["prompt"], "chosen": completion, "rejected": completion}, tokenizer,
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-                            truncation_mode=args.truncation_mode)
-        if prompt is not None and out["prompt_input_ids"] != prompt:
-            raise ValueError(f"listwise row {row}: the completions leave different prompt tokens (a completion "
-                             "merges with the prompt's last token); start each completion on a token boundary")
-        prompt = out["prompt_input_ids"]
-        ids.append(out["chosen_input_ids"])
-    return {"prompt_input_ids": prompt, LISTWISE_TOKEN_COLUMN: ids, "scores": [float(s) for s in scores]}
+        raise ValueError(f"a ranked row's scores must be finite numbers, got {scores}")
+    out = tokenize_ranked(example, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                          truncation_mode=args.truncation_mode)
+    return {**out, "scores": [float(s) for s in scores]}
 
 
 def tokenize_listwise_dataset(dataset, tokenizer, args, name: str):
-    """A ranked dataset → token columns and ``example_index``; tokenized datasets pass through."""
+    """A ranked dataset → token columns and ``example_index``; tokenized datasets pass through. Rows that do not
+    fit ``max_length`` after truncation are dropped with one warning, as pairs are."""
     unknown = [c for c in dataset.column_names if c not in (*LISTWISE_TEXT_COLUMNS, *LISTWISE_BATCH_COLUMNS)]
     if unknown:
         from fastpref.trainer.columns import UnknownColumnError
@@ -66,9 +63,10 @@ def tokenize_listwise_dataset(dataset, tokenizer, args, name: str):
         raise UnknownColumnError(f"the {name} dataset is listwise and has columns the trainer does not read: "
                                  f"{unknown}. Listwise columns: {', '.join(LISTWISE_TEXT_COLUMNS)}")
     if "completions" in dataset.column_names:
-        dataset = dataset.map(lambda example, row: tokenize_ranked_row(example, tokenizer, args, row),
-                              with_indices=True, remove_columns=["prompt", "completions"],
-                              num_proc=args.dataset_num_proc, desc="Tokenizing ranked rows")
+        empty = {"prompt_input_ids": [], LISTWISE_TOKEN_COLUMN: [], "scores": []}
+        dataset, _ = map_fitting_rows(dataset, lambda example, row: tokenize_ranked_row(example, tokenizer, args),
+                                      empty, args, name, "ranked rows", desc="Tokenizing ranked rows",
+                                      remove_columns=["prompt", "completions"])
     if "example_index" not in dataset.column_names:
         dataset = dataset.add_column("example_index", list(range(len(dataset))))
     return dataset

@@ -129,7 +129,12 @@ def model_fingerprint(model: torch.nn.Module, *, exclude: tuple[str, ...] = (),
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """sha256 of a tokenizer's vocabulary, merges, normalization, special tokens and chat template."""
+    """sha256 of a tokenizer's vocabulary, merges, normalization, special tokens, chat template and class.
+
+    For a key over text data, where the token ids are not hashed: the class stays in it, since a class may encode
+    in Python beyond its backend spec (a tokenizer without a ``backend_tokenizer`` is fingerprinted by its
+    vocabulary alone). The trainer's cache hashes every row's token ids instead
+    (:func:`fastpref.trainer.ref_cache.cache_fingerprint`), so it needs no tokenizer part."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
