@@ -131,7 +131,7 @@ def build_policy(args, mode: str, vocab_size: int, attn: str = "sdpa"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     if mode == "full_gc":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     return model
 
@@ -306,7 +306,7 @@ def run_trl(args, mode: str, pairs: list[Pair], tokenizer, vocab_size: int, prec
                        per_device_train_batch_size=args.micro_batch,
                        gradient_accumulation_steps=max(1, args.pairs // args.micro_batch),
                        max_steps=args.warmup + args.steps, precompute_ref_log_probs=precompute,
-                       gradient_checkpointing=mode == "full_gc", bf16=args.dtype == torch.bfloat16,
+                       activation_checkpointing=mode == "full_gc", bf16=args.dtype == torch.bfloat16,
                        use_cpu=args.device.type != "cuda", report_to="none", save_strategy="no",
                        logging_steps=10_000, max_length=None, dataset_num_proc=None, disable_dropout=True,
                        dataloader_num_workers=0)

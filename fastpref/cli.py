@@ -65,7 +65,7 @@ COMMON_TRAINING_FIELDS = (
     "output_dir", "num_train_epochs", "max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
     "max_grad_norm", "optim", "logging_steps", "eval_strategy", "eval_steps", "save_strategy", "save_steps",
-    "save_total_limit", "seed", "bf16", "fp16", "gradient_checkpointing", "use_cpu", "report_to",
+    "save_total_limit", "seed", "bf16", "fp16", "activation_checkpointing", "use_cpu", "report_to",
     "resume_from_checkpoint", "disable_tqdm", "run_name")
 
 

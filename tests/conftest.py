@@ -4,7 +4,9 @@ Without a GPU the Triton kernels run in the interpreter on CPU tensors: TRITON_I
 any kernel module is imported, so it is set here, first. On a CUDA machine the real compiler runs instead.
 """
 
+import importlib
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from fastpref.backends import backends  # noqa: E402
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def available_backends() -> list[str]:
@@ -28,3 +32,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch, tmp_path):
+    """``load_benchmark(name)`` imports the script ``benchmarks/<name>.py`` with its results redirected to
+    ``tmp_path`` (``record.RESULTS_DIR``, ``$FASTPREF_RESULTS_DIR`` unset), keeping the committed results untouched."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import record
+
+    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)
+    monkeypatch.delenv("FASTPREF_RESULTS_DIR", raising=False)
+    return importlib.import_module

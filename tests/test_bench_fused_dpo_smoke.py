@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_fused_dpo_cpu
-    import record
-
-    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)  # keep the committed results untouched
-    monkeypatch.delenv("FASTPREF_RESULTS_DIR", raising=False)
-    return bench_fused_dpo_cpu
+def bench(load_benchmark):
+    return load_benchmark("bench_fused_dpo_cpu")
 
 
 def test_fastpref_and_liger_compute_the_same_loss(bench):

@@ -5,18 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_heads_benchmark_records_every_peer_with_ratios(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_linear_logps_cpu
-    import record
-
-    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)  # keep the committed results untouched
-    monkeypatch.delenv("FASTPREF_RESULTS_DIR", raising=False)
+def test_heads_benchmark_records_every_peer_with_ratios(load_benchmark, tmp_path):
+    bench_linear_logps_cpu = load_benchmark("bench_linear_logps_cpu")
     impls = ["gemm_floor", "eager", "cpp"] + (["cce"] if importlib.util.find_spec("cut_cross_entropy") else [])
     bench_linear_logps_cpu.main(["--shapes", "37x16x101", "--impls", *impls])
     path = next(tmp_path.glob("*.json"))
@@ -29,11 +21,10 @@ def test_heads_benchmark_records_every_peer_with_ratios(monkeypatch, tmp_path):
                                                           for d in ("float32", "bfloat16")}
 
 
-def test_plot_draws_one_row_of_panels_per_metric_and_skips_failed_runs(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+def test_plot_draws_one_row_of_panels_per_metric_and_skips_failed_runs(load_benchmark, monkeypatch, tmp_path):
     import matplotlib.pyplot as plt
-    import record
 
+    record = load_benchmark("record")
     monkeypatch.setenv("FASTPREF_RESULTS_DIR", str(tmp_path))
     records = [dict(impl="a", case="c", head=h, best_ms=1.0, peak_mib=2.0) for h in ("frozen", "trainable")]
     records.append(dict(impl="b", case="c", head="frozen", best_ms=None, error="ImportError"))  # no bar

@@ -4,22 +4,13 @@ every method and mode recorded, rounds interleaved with rotating order, medians 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture
-def bench(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import bench_step_cpu
-    import record
-
-    monkeypatch.setattr(record, "RESULTS_DIR", tmp_path)  # keep the committed results untouched
-    monkeypatch.delenv("FASTPREF_RESULTS_DIR", raising=False)
-    return bench_step_cpu
+def bench(load_benchmark):
+    return load_benchmark("bench_step_cpu")
 
 
 def test_defaults_are_the_issue_model(bench):

@@ -75,6 +75,8 @@ def test_train_help_is_grouped_with_fastpref_options_first(capsys):
     assert order == sorted(order) and text.index("  --beta ") < text.index("  --output_dir ")
     assert text.index("  --model MODEL") < text.index("  --beta ")
     assert "  --adam_beta1 " not in text and "--adam_beta1" in text  # listed by name only
+    assert "  --activation_checkpointing " in text  # not its deprecated alias, which warns
+    assert "  --gradient_checkpointing " not in text
     assert "OMP_NUM_THREADS" in text and "--debug" in text
     assert len(text.splitlines()) < 400
     with pytest.raises(SystemExit):

@@ -71,7 +71,7 @@ def test_prefix_is_not_modified_and_is_reused():
 
 def test_frozen_forward_restores_modes_and_keeps_the_cache_under_checkpointing():
     model = tiny_model("tiny-llama")
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     model.model.layers[0].eval()  # a mixed state must come back as it was
     modes = [m.training for m in model.modules()]

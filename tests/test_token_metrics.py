@@ -76,3 +76,23 @@ def test_num_tokens_is_the_running_total_of_training_tokens(tmp_path):
     assert logs[-1]["num_tokens"] == total and 0 < logs[0]["num_tokens"] < total
     for key in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
         assert key in logs[-1]
+
+
+def test_num_tokens_continues_from_the_checkpoint_on_resume(tmp_path):
+    """2 steps, a checkpoint, 2 more steps resumed from it: num_tokens at steps 3 and 4 is the uninterrupted run's
+    (the count is saved with the checkpoint, as transformers' num_input_tokens_seen is in its trainer state)."""
+    rows = demo_rows("train", 16)
+    args = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    full = PreferenceTrainer(tiny_model(), args=config(tmp_path, **args), train_dataset=rows,
+                             processing_class=TOKENIZER)
+    full.train()
+    resumed = PreferenceTrainer(tiny_model(), args=config(tmp_path, output_dir=str(tmp_path / "resumed"), **args),
+                                train_dataset=rows, processing_class=TOKENIZER)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+    def tokens(trainer):
+        return {entry["step"]: entry["num_tokens"] for entry in trainer.state.log_history if "loss" in entry}
+
+    expected, got = tokens(full), tokens(resumed)
+    assert expected[2] < expected[3] < expected[4]
+    assert {step: got[step] for step in (3, 4)} == {step: expected[step] for step in (3, 4)}

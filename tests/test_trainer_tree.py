@@ -116,7 +116,7 @@ def test_tree_reference_cache_equals_padded_and_the_oracle(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(loss_type="sr_dpo", gradient_accumulation_steps=2),
-                                     dict(loss_type="sr_dpo", gradient_checkpointing=True),
+                                     dict(loss_type="sr_dpo", activation_checkpointing=True),
                                      dict(loss_type="sigmoid", ld_alpha=0.5, use_weighting=True),
                                      dict(loss_type="sr_dpo", refinement="naive", precompute_ref_log_probs=False)])
 def test_tree_layout_trains_end_to_end(options, tmp_path):

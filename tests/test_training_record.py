@@ -1,6 +1,6 @@
 """What a training run shows: ``trainer_state.json`` and ``training_curves.png`` at the top of ``output_dir`` (also
 with ``save_strategy='no'``), an eval before training (``eval_on_start``) in both, the reference cache's reuse said
-in one line, and a short CPU run (Python and CLI) free of warnings."""
+in one line, and a short CPU run (Python and CLI, also with activation checkpointing) free of warnings."""
 
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ def test_python_run_writes_state_and_curves_with_eval_on_start_and_no_warnings(t
     assert not list((tmp_path / "out").glob("checkpoint-*"))  # save_strategy='no' kept no checkpoint
 
 
+def test_activation_checkpointing_run_has_no_warnings(tmp_path):
+    """Checkpointing on under its current name (``gradient_checkpointing`` is transformers' deprecated alias, which
+    warns): the layers checkpoint during training, and nothing warns."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer = _train(tmp_path, activation_checkpointing=True)
+    assert _own_warnings(record) == []
+    assert any(getattr(module, "gradient_checkpointing", False) for module in trainer.model.modules())
+
+
 def test_reference_cache_reuse_is_one_line_per_dataset(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="fastpref"):
         PreferenceTrainer(tiny_model(), args=config(tmp_path), train_dataset=demo_rows("train", 8),
@@ -71,7 +81,8 @@ def test_cli_lora_run_writes_state_and_curves_and_no_warnings(tmp_path):
         status = cli.main(["train", "--model", "tiny-llama", "--dataset", str(path), "--eval_dataset", str(path),
                            "--eval_on_start", "true", "--use_peft", "true", "--output_dir", str(out), "--max_steps", "2",
                            "--ref_cache_dir", str(tmp_path / "cache"), "--report_to", "none", "--use_cpu", "true",
-                           "--save_strategy", "no", "--per_device_train_batch_size", "2", "--disable_tqdm", "true"])
+                           "--save_strategy", "no", "--per_device_train_batch_size", "2", "--disable_tqdm", "true",
+                           "--activation_checkpointing", "true"])
     assert status == 0
     assert _own_warnings(record) == []
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]

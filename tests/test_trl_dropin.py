@@ -49,7 +49,7 @@ def _config(out, case: str, seed: int = 0):
     return trl.DPOConfig(output_dir=str(out), loss_type=loss_type, loss_weights=loss_weights, label_smoothing=eps,
                          precompute_ref_log_probs=precompute, beta=BETA, learning_rate=1e-3, max_steps=STEPS,
                          per_device_train_batch_size=4, logging_steps=1, seed=seed, bf16=False,
-                         gradient_checkpointing=False, report_to="none", use_cpu=True, save_strategy="no",
+                         activation_checkpointing=False, report_to="none", use_cpu=True, save_strategy="no",
                          disable_tqdm=True, dataloader_num_workers=0, max_length=256)
 
 

@@ -58,16 +58,26 @@ def _score(right: dict[str, bool]) -> float:
     return round(10.0 * sum(PART_WEIGHTS[p] for p, ok in right.items() if ok) / sum(PART_WEIGHTS.values()), 2)
 
 
-def generate(n: int, seed: int) -> list[dict]:
-    """Return ``n`` preference rows (prompt, chosen, rejected, score_chosen, score_rejected), deterministic in
-    ``seed``; ``score_chosen > score_rejected`` in every row."""
+def _prompts(n: int, seed: int):
+    """Check ``n``; return ``random.Random(seed)`` and a lazy iterator of ``n`` (word, a, b, prompt) draws from it,
+    between which the caller draws each row's responses from the same generator."""
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     rng = random.Random(seed)
+    return rng, (_prompt(rng) for _ in range(n))
+
+
+def _prompt(rng: random.Random) -> tuple[str, int, int, str]:
+    word, a, b = rng.choice(WORDS), rng.randrange(10), rng.randrange(10)
+    return word, a, b, rng.choice(PROMPT_TEMPLATES).format(word=word, a=a, b=b)
+
+
+def generate(n: int, seed: int) -> list[dict]:
+    """Return ``n`` preference rows (prompt, chosen, rejected, score_chosen, score_rejected), deterministic in
+    ``seed``; ``score_chosen > score_rejected`` in every row."""
+    rng, prompts = _prompts(n, seed)
     rows = []
-    for _ in range(n):
-        word, a, b = rng.choice(WORDS), rng.randrange(10), rng.randrange(10)
-        prompt = rng.choice(PROMPT_TEMPLATES).format(word=word, a=a, b=b)
+    for word, a, b, prompt in prompts:
         better = {part: rng.random() < 0.6 for part in PART_WEIGHTS}
         if not any(better.values()):
             better[rng.choice(tuple(PART_WEIGHTS))] = True
@@ -87,15 +97,11 @@ def generate(n: int, seed: int) -> list[dict]:
 def generate_ranked(n: int, k: int, seed: int) -> list[dict]:
     """Return ``n`` ranked rows (prompt, completions, scores) of ``k`` responses each, deterministic in ``seed``: each
     response gets each part right with probability 0.5 and is scored as above (equal scores can occur)."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    rng, prompts = _prompts(n, seed)
     if not isinstance(k, int) or k < 2:
         raise ValueError(f"k must be an int >= 2, got {k!r}")
-    rng = random.Random(seed)
     rows = []
-    for _ in range(n):
-        word, a, b = rng.choice(WORDS), rng.randrange(10), rng.randrange(10)
-        prompt = rng.choice(PROMPT_TEMPLATES).format(word=word, a=a, b=b)
+    for word, a, b, prompt in prompts:
         parts = [{part: rng.random() < 0.5 for part in PART_WEIGHTS} for _ in range(k)]
         rows.append({"prompt": prompt, "completions": [_response(rng, word, a, b, right) for right in parts],
                      "scores": [_score(right) for right in parts]})

@@ -77,10 +77,10 @@ class LogpsKernels:
     def linear_forward_with_stats(self, head: LinearHead, wanted: GradsWanted):
         """(token_logps, state, stats): the forward plus :class:`fastpref.logps.TokenStats` fields per row. By
         default one more tiled pass of the torch backend; a backend that has them in its fused pass overrides this."""
-        from fastpref.logps.torch_backend import linear_token_stats
+        from fastpref.logps.torch_backend import traced_token_stats
 
         token_logps, state = self.linear_forward(head, wanted)
-        return token_logps, state, linear_token_stats(head)
+        return token_logps, state, traced_token_stats(head)
 
     def logits_forward(self, rows: LogitsRows, need_grad: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
         raise NotImplementedError

@@ -92,7 +92,8 @@ def _forward(rows_tensor, labels, ignore_index, need_state, tiles_of) -> tuple[T
 
 def linear_token_stats(head: LinearHead):
     """Entropy, log Σp², mean logit and top-1 flag per row of p = softmax(z) (see fastpref.logps.api.TokenStats),
-    float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles.
+    float32 [N] (bool for top-1), 0 / False at ignored rows, from one more pass of online tiles (computed in the
+    tiles' dtype: float64 for float64 inputs).
 
     Forms that stay accurate as p → one-hot: with m the running max, the rests r = Σ e^{z−m} − 1 and
     r₂ = Σ e^{2(z−m)} − 1 (every term but one maximal one, which is exactly 1) and A = Σ e^{z−m}·(m − z) ≥ 0,
@@ -100,13 +101,13 @@ def linear_token_stats(head: LinearHead):
     log Σp² = log1p(r₂) − 2·log1p(r)."""
     hidden, weight, bias, labels = head.hidden, head.weight, head.bias, head.labels
     n, vocab = hidden.shape[0], weight.shape[0]
-    device = hidden.device
-    entropy, log_sum_sq, mean_logits = (torch.zeros(n, device=device) for _ in range(3))
+    device, acc = hidden.device, accumulation_dtype(hidden.dtype)
+    entropy, log_sum_sq, mean_logits = (torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3))
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
     for chunk in _scored_rows(labels, head.ignore_index).split(ROW_BLOCK):
         rows = chunk.numel()
-        m = torch.full((rows,), float("-inf"), device=device)
-        rest, rest_sq, ent, total = (torch.zeros(rows, device=device) for _ in range(4))
+        m = torch.full((rows,), float("-inf"), dtype=acc, device=device)
+        rest, rest_sq, ent, total = (torch.zeros(rows, dtype=acc, device=device) for _ in range(4))
         best_index = torch.zeros(rows, dtype=torch.int64, device=device)
         for start, z in _linear_tiles(hidden[chunk], weight, bias, head.temperature, head.softcap):
             tile_best, tile_index = z.max(dim=1)  # first index of the maximum within the tile
@@ -124,9 +125,9 @@ def linear_token_stats(head: LinearHead):
             total += z.sum(1)
             best_index = torch.where(grows, tile_index + start, best_index)
         log_sum = torch.log1p(rest)
-        entropy[chunk] = ent / (1.0 + rest) + log_sum
-        log_sum_sq[chunk] = torch.log1p(rest_sq) - 2 * log_sum
-        mean_logits[chunk] = total / vocab
+        entropy[chunk] = (ent / (1.0 + rest) + log_sum).float()
+        log_sum_sq[chunk] = (torch.log1p(rest_sq) - 2 * log_sum).float()
+        mean_logits[chunk] = (total / vocab).float()
         is_top1[chunk] = best_index == labels[chunk]
     return entropy, log_sum_sq, mean_logits, is_top1
 
@@ -245,6 +246,25 @@ def _logits_bwd_op(logits: Tensor, labels: Tensor, row_max: Tensor, log_sum: Ten
 @_logits_bwd_op.register_fake
 def _(logits, labels, row_max, log_sum, grad_rows, ignore_index, temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastpref::torch_linear_stats", mutates_args=())
+def _linear_stats_op(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, ignore_index: int,
+                     temperature: float, softcap: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return linear_token_stats(LinearHead(hidden, weight, bias, labels, ignore_index, temperature, softcap))
+
+
+@_linear_stats_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, temperature, softcap):
+    rows = hidden.shape[0]
+    return (*(hidden.new_empty(rows, dtype=torch.float32) for _ in range(3)), hidden.new_empty(rows, dtype=torch.bool))
+
+
+def traced_token_stats(head: LinearHead) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`linear_token_stats` as one op (``torch.ops.fastpref.torch_linear_stats``), so torch.compile traces
+    it whole despite its data-dependent row gather."""
+    return torch.ops.fastpref.torch_linear_stats(head.hidden, head.weight, head.bias, head.labels, head.ignore_index,
+                                                 head.temperature, head.softcap)
 
 
 class TorchKernels(LogpsKernels):

@@ -4,6 +4,10 @@ transformers picks the highest-numbered ``checkpoint-N`` folder whatever it hold
 leaves one without its trainer state, weights or optimizer, and resuming from it then fails. Here a checkpoint
 counts only when ``trainer_state.json`` parses, its model (or adapter) weights are present and readable, and the
 optimizer and scheduler states are there when the run saves them; torn ones are skipped with a warning.
+
+Each checkpoint also holds ``fastpref_state.json``: what fastpref's trainer counts beside transformers'
+``TrainerState`` (``num_tokens``, the training tokens seen so far over every process), which a resumed run
+continues from (a checkpoint without it, e.g. from an older fastpref, continues from 0).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 import warnings
 from pathlib import Path
 
+FASTPREF_STATE_NAME = "fastpref_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
             "adapter_model.safetensors", "adapter_model.bin")
@@ -73,3 +78,17 @@ def last_complete_checkpoint(output_dir: str | os.PathLike, *, expects_optimizer
         warnings.warn(f"skipping incomplete checkpoint {folder} ({problem}); resuming from an earlier one",
                       stacklevel=3)
     return None
+
+
+def save_fastpref_state(folder: str | os.PathLike, *, num_tokens: int) -> None:
+    """Write ``fastpref_state.json`` into the checkpoint ``folder`` (created when missing)."""
+    os.makedirs(folder, exist_ok=True)
+    (Path(folder) / FASTPREF_STATE_NAME).write_text(json.dumps({"num_tokens": num_tokens}))
+
+
+def saved_num_tokens(folder: str | os.PathLike) -> int:
+    """The ``num_tokens`` a checkpoint saved, or 0 when it holds no (readable) ``fastpref_state.json``."""
+    path = Path(folder) / FASTPREF_STATE_NAME
+    if not _parses(path):
+        return 0
+    return int(json.loads(path.read_text()).get("num_tokens", 0))

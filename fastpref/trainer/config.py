@@ -20,7 +20,9 @@ Differences from ``DPOConfig`` (documented, deliberate):
   (``stream_layout != "padded"``).
 - ``precompute_ref_log_probs`` defaults to True: the reference is frozen here, so its log-probs are computed
   once per dataset and cached on disk (``ref_cache_dir``) for every later epoch and run.
-- ``gradient_checkpointing`` and ``bf16`` keep transformers' defaults (False), not TRL's, so the CPU demo runs.
+- ``activation_checkpointing`` and ``bf16`` keep transformers' defaults (False), not TRL's, so the CPU demo runs.
+  ``gradient_checkpointing`` (TRL's name) is transformers' deprecated alias of ``activation_checkpointing`` and
+  warns (``FutureWarning``); fastpref's CLI, tests and benchmarks use the new name.
 - ``sync_ref_model`` (TR-DPO) and ``activation_offloading`` are not implemented (not fields).
 
 Legacy TRL names that map cleanly onto current ones are accepted with a ``FutureWarning``:

@@ -11,8 +11,8 @@ Per token, as TRL 1.16 (from the policy pass's fused token statistics,
 :class:`fastpref.logps.TokenStats`, no extra pass): ``entropy`` (mean over the completion tokens of both responses),
 ``logits/chosen`` and ``logits/rejected`` (mean over a response's tokens of the mean logit Σ_v z_v / V) and
 ``mean_token_accuracy`` (fraction of chosen tokens that are the top-1 prediction). ``num_tokens``: the training
-tokens seen so far, prompt counted once per response (TRL's attention-mask count of [x, y_w] and [x, y_l]).
-"""
+tokens seen so far, prompt counted once per response (TRL's attention-mask count of [x, y_w] and [x, y_l]),
+continued from the checkpoint's count on resume (:mod:`fastpref.trainer.checkpoints`)."""
 
 from __future__ import annotations
 

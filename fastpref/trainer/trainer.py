@@ -20,6 +20,7 @@ import warnings
 
 import torch
 from transformers import DynamicCache, Trainer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from fastpref.logps.inputs import skip_value_checks
 from fastpref.losses import listwise_loss, odpo_offset, preference_loss, tau_from_scores
@@ -29,7 +30,7 @@ from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
 from fastpref.model.prefix_kv import (PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward,
                                       gathered_parameters)
 from fastpref.model.tree_logps import tree_forward_inputs
-from fastpref.trainer.checkpoints import last_complete_checkpoint
+from fastpref.trainer.checkpoints import last_complete_checkpoint, save_fastpref_state, saved_num_tokens
 from fastpref.trainer.collator import StepCollator, rows_from_batch, tree_from_batch
 from fastpref.trainer.columns import BATCH_COLUMNS
 from fastpref.trainer.config import PreferenceConfig
@@ -391,14 +392,18 @@ class PreferenceTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         """As ``Trainer.train``; ``resume_from_checkpoint=True`` skips (with a warning) torn checkpoints and resumes
-        from the last complete one (:mod:`fastpref.trainer.checkpoints`). At the end, ``output_dir`` gets
-        ``trainer_state.json`` and ``training_curves.png`` (:mod:`fastpref.trainer.curves`)."""
+        from the last complete one (:mod:`fastpref.trainer.checkpoints`), ``num_tokens`` continuing from the count
+        the checkpoint saved. At the end, ``output_dir`` gets ``trainer_state.json`` and ``training_curves.png``
+        (:mod:`fastpref.trainer.curves`)."""
         if resume_from_checkpoint is True:
             expects_optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir,
                                                               expects_optimizer=expects_optimizer)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):  # process 0 holds the saved total, log sums
+            saved = saved_num_tokens(resume_from_checkpoint) if self.is_world_process_zero() else 0
+            self._train_tokens = torch.full_like(self._train_tokens, saved)
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
         if self.is_world_process_zero():
             write_training_record(self.state, self.args.output_dir)
@@ -430,6 +435,16 @@ class PreferenceTrainer(Trainer):
                                     metric_key_prefix=metric_key_prefix)
         finally:
             self._eval_prefix = outer_prefix
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """As ``Trainer._save_checkpoint``, with the checkpoint's ``fastpref_state.json`` (the ``num_tokens`` so far)
+        written first (every process saves a checkpoint together, so the total is summed over them here)."""
+        num_tokens = int(self.accelerator.reduce(self._train_tokens, "sum"))
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_fastpref_state(folder, num_tokens=num_tokens)
+        super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """As ``Trainer._save``; a peft policy built from a config (a built-in name) first gets its base saved once,
