@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import TrainingArguments
 
 from fastpref import preference_loss
 from fastpref.data.prompts import SR_DPO_REFINEMENT_PROMPT
@@ -123,6 +124,19 @@ def build_lm(args, vocab_size: int, attn: str = "sdpa"):
     return model
 
 
+# transformers renamed gradient checkpointing to activation checkpointing (the old names warn); the GPU image's
+# older transformers has only the old names.
+CHECKPOINTING_FIELD = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                       else "gradient_checkpointing")
+
+
+def enable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_policy(args, mode: str, vocab_size: int, attn: str = "sdpa"):
     model = build_lm(args, vocab_size, attn)
     if mode == "lora":
@@ -131,7 +145,7 @@ def build_policy(args, mode: str, vocab_size: int, attn: str = "sdpa"):
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     if mode == "full_gc":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
     return model
 
@@ -306,7 +320,7 @@ def run_trl(args, mode: str, pairs: list[Pair], tokenizer, vocab_size: int, prec
                        per_device_train_batch_size=args.micro_batch,
                        gradient_accumulation_steps=max(1, args.pairs // args.micro_batch),
                        max_steps=args.warmup + args.steps, precompute_ref_log_probs=precompute,
-                       activation_checkpointing=mode == "full_gc", bf16=args.dtype == torch.bfloat16,
+                       **{CHECKPOINTING_FIELD: mode == "full_gc"}, bf16=args.dtype == torch.bfloat16,
                        use_cpu=args.device.type != "cuda", report_to="none", save_strategy="no",
                        logging_steps=10_000, max_length=None, dataset_num_proc=None, disable_dropout=True,
                        dataloader_num_workers=0)

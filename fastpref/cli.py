@@ -114,7 +114,11 @@ def _parser(command: str, describe_all: bool):
             "them there already.")
     training = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     own = [f.name for f in dataclasses.fields(PreferenceConfig) if f.name not in training and f.init]
-    others = sorted(training - set(COMMON_TRAINING_FIELDS))
+    # transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns); older releases
+    # have only the old one
+    common = [name if name in training else "gradient_checkpointing" for name in COMMON_TRAINING_FIELDS
+              if name in training or name == "activation_checkpointing"]
+    others = sorted(training - set(common))
     notes = [THREADS_HELP, "Errors print one line; --debug (or FASTPREF_DEBUG=1) shows the traceback."]
     if not describe_all:
         notes.append("Every other transformers.TrainingArguments field is accepted too (--help-all describes "
@@ -124,7 +128,7 @@ def _parser(command: str, describe_all: bool):
                               description=what, epilog=_paragraphs(*notes), formatter_class=_HelpFormatter)
     groups = [("script arguments", [f.name for f in dataclasses.fields(ScriptArguments)]),
               ("preference optimization (fastpref.PreferenceConfig)", own),
-              ("training (transformers.TrainingArguments; --help-all lists every field)", COMMON_TRAINING_FIELDS)]
+              ("training (transformers.TrainingArguments; --help-all lists every field)", common)]
     if describe_all:
         groups.append(("other transformers.TrainingArguments fields", others))
     _show_in_groups(parser, groups, hide_the_rest=not describe_all)
