@@ -55,6 +55,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "linear_logps_cpu.h"
@@ -109,31 +110,6 @@ std::vector<int64_t> active_rows(const int64_t* labels, const double* grad, int6
   return rows;
 }
 
-}  // namespace
-
-namespace linear {
-
-bool native_low_precision_logits(at::ScalarType dtype) {
-  if (dtype != at::kBFloat16) return false;
-  // Opt-in: on short sums its bf16-rounded logits can miss the 2×eager rule by chance (a fuzz case, V = 5),
-  // where the upcast tiles never do.
-  const char* on = std::getenv("FASTPREF_CPU_NATIVE_BF16");
-  if (on == nullptr || std::strcmp(on, "1") != 0) return false;
-  static const bool supported = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    auto has = [&](const char* key) {
-      const auto it = caps.find(key);
-      return it != caps.end() && it->second.isBool() && it->second.toBool();
-    };
-    return has("avx512_bf16") || has("amx_bf16");
-  }();
-  return supported;
-}
-
-}  // namespace linear
-
-namespace {
-
 at::Tensor index_tensor(const std::vector<int64_t>& rows) {
   return at::from_blob(const_cast<int64_t*>(rows.data()), {static_cast<int64_t>(rows.size())}, at::kLong)
       .clone();
@@ -153,20 +129,43 @@ struct RowEpilogue {
 
 // Per-thread scratch of the forward: one logits tile, one upcast weight block, one [rows, D] GEMM product.
 struct ForwardScratch {
-  at::Tensor tile, weight_buffer, product, low_tile;
+  at::Tensor tile, weight_buffer, product;
+  LowScratch low;
 };
 
-// unit[i, :] += Σ_j weights[i, j]·w_block[j, :] for the rows of `weights` [rn, vn], the GEMM's inner dimension
-// cut at kGemmDepth and each product formed from zero, then added to the float64 accumulator (see the accuracy
-// note in linear_logps_backward_cpu.cpp).
+// unit[i, :] += Σ_j weights[i, j]·W[v0 + j, :] for the rows of `weights` [rn, vn] (rows r0.. of the gathered
+// rows), the GEMM's inner dimension cut at kGemmDepth and each product formed from zero, then added to the float64
+// accumulator (see the accuracy note in linear_logps_backward_cpu.cpp). Upcast path: W from the upcast block.
+// Native bf16: the weights are rounded to bf16, but the target entry of a row is taken out of the tile and its
+// term added apart (the float32 product weight·W[y], as the upcast GEMM forms it): when p_y ≈ 1 the gradient
+// (c·W[y] − Σ p·W) / T cancels against that term, which a bf16 rounding would swamp.
 template <typename acc_t>
-void accumulate_products(const at::Tensor& weights, const at::Tensor& w_block, double* unit, at::Tensor& product) {
-  const int64_t rn = weights.size(0), vn = weights.size(1), dim = w_block.size(1);
+void accumulate_products(at::Tensor& weights, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
+                         int64_t v0, const at::Tensor& w_block, double* unit, at::Tensor& product, LowScratch& low) {
+  const int64_t rn = weights.size(0), vn = weights.size(1), dim = weight.size(1);
   at::Tensor rows_product = product.narrow(0, 0, rn);
   const acc_t* prod = rows_product.data_ptr<acc_t>();
+  const bool native = rows.low_hidden.defined();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (native) {
+      const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < rn; ++i) {
+        const int64_t local = rows.labels[r0 + i] - v0;  // labels are -1 or in [0, V): no overflow
+        if (rows.labels[r0 + i] < 0 || local < 0 || local >= vn) continue;
+        float& entry = weights.data_ptr<float>()[i * vn + local];
+        const at::BFloat16* w_y = w + rows.labels[r0 + i] * dim;
+        for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] += double(entry * float(w_y[d]));
+        entry = 0.0f;
+      }
+    }
+  }
   for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
     const int64_t kn = std::min(kGemmDepth, vn - k0);
-    at::mm_out(rows_product, weights.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    if (native) {
+      tile_times_weight_bf16(weights.data_ptr<float>() + k0, rn, kn, vn, weight, v0 + k0, rows_product, low);
+    } else {
+      at::mm_out(rows_product, weights.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    }
     for (int64_t j = 0; j < rn * dim; ++j) unit[j] += prod[j];
   }
 }
@@ -181,7 +180,7 @@ GatheredRows gather_rows(const at::Tensor& hidden, const std::optional<at::Tenso
   if (bias.has_value()) g.bias = bias->to(acc).contiguous();
   g.labels.reserve(rows.size());
   for (int64_t r : rows) g.labels.push_back(labels[r] >= 0 && labels[r] < vocab ? labels[r] : -1);
-  if (native_low_precision_logits(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
+  if (native_bf16(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
   return g;
 }
 
@@ -234,11 +233,11 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
   for (int64_t block = segment * plan.blocks_per_segment; block < last_block; ++block) {
     const int64_t v0 = block * plan.tiling.vocab;
     const int64_t vn = std::min(plan.tiling.vocab, vocab - v0);
-    // the upcast block is needed for Σ p·W, and for the logits unless they are computed natively
-    const bool need_block = unit != nullptr || !rows.low_hidden.defined();
-    const at::Tensor w_block = need_block ? weight_block(weight, v0, vn, scratch.weight_buffer) : at::Tensor();
+    // native bf16 GEMMs read the weight as it is: no upcast block
+    const at::Tensor w_block =
+        rows.low_hidden.defined() ? at::Tensor() : weight_block(weight, v0, vn, scratch.weight_buffer);
     at::Tensor logits = scratch.tile.narrow(0, 0, rn * vn).view({rn, vn});
-    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low_tile);
+    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low);
     acc_t* base = logits.data_ptr<acc_t>();
     for (int64_t i = 0; i < rn; ++i) {
       acc_t* z = base + i * vn;
@@ -257,7 +256,7 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
         for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] *= rescale;
       }
     }
-    if (unit != nullptr) accumulate_products<acc_t>(logits, w_block, unit, scratch.product);
+    if (unit != nullptr) accumulate_products<acc_t>(logits, rows, r0, weight, v0, w_block, unit, scratch.product, scratch.low);
   }
 }
 
@@ -338,14 +337,14 @@ RowSoftmax<acc_t> forward_rows(const GatheredRows& rows, const at::Tensor& weigh
   out.target.assign(n, std::numeric_limits<acc_t>::quiet_NaN());  // stays NaN for a label outside [0, V)
   const RowEpilogue<acc_t> epi{rows.bias.defined() ? rows.bias.data_ptr<acc_t>() : nullptr, acc_t(softcap),
                                acc_t(1.0 / temperature), softcap > 0 ? acc_t(temperature / softcap) : acc_t(0)};
-  const bool upcast = weight.scalar_type() != rows.hidden.scalar_type();
+  const bool upcast = weight.scalar_type() != rows.hidden.scalar_type() && !rows.low_hidden.defined();
 
   at::parallel_for(0, plan.row_blocks * plan.segments, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     ForwardScratch scratch{at::empty({plan.tiling.rows * plan.tiling.vocab}, opts),
                            upcast ? at::empty({plan.tiling.vocab * dim}, opts) : at::Tensor(),
                            want_hidden_grad ? at::empty({plan.tiling.rows, dim}, opts) : at::Tensor(),
-                           low_precision_tile(rows, plan.tiling.rows * plan.tiling.vocab)};
+                           low_scratch(rows, plan.tiling.rows, plan.tiling.vocab, dim)};
     for (int64_t item = begin; item < end; ++item) {
       forward_item(rows, weight, plan, item % plan.segments, (item / plan.segments) * plan.tiling.rows, epi, parts,
                    out.target, scratch);

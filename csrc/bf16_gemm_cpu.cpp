@@ -1,0 +1,244 @@
+// bf16 × bf16 → float32 GEMM on AVX-512 BF16; see bf16_gemm_cpu.h. Layout of a packed B: panels of kPanel
+// columns; inside a panel, for each pair p of k, kPanel 32-bit words (B[2p, j], B[2p + 1, j]) — the operand
+// vdpbf16ps multiplies by a broadcast pair (A[i, 2p], A[i, 2p + 1]). Padding (columns ≥ n, the k row of an odd
+// k) is zero, and the A element that would pair with the padded k row is read as zero, so that neither can
+// turn an Inf or NaN of A into a stray NaN.
+#include "bf16_gemm_cpu.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTPREF_BF16_KERNEL 1
+#include <immintrin.h>
+#define FASTPREF_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#else
+#define FASTPREF_BF16_KERNEL 0
+#endif
+
+namespace fastpref::cpu::bf16 {
+namespace {
+
+constexpr int64_t kPanel = 32;  // columns per panel: two 16-lane float32 accumulators per row
+constexpr int kRows = 12;       // rows per register block: 24 accumulators
+
+uint16_t bits(c10::BFloat16 x) { return x.x; }
+
+int64_t pairs(int64_t k) { return (k + 1) / 2; }
+
+std::atomic<int64_t> calls{0};
+
+#if FASTPREF_BF16_KERNEL
+// A[row, 2p..2p+1] as one 32-bit word; at the end of an odd k only A[row, k − 1] (high half zero).
+FASTPREF_TARGET_BF16 inline int32_t a_pair(const uint16_t* row, int64_t p, int64_t k) {
+  if (2 * p + 1 < k) {
+    int32_t word;
+    std::memcpy(&word, row + 2 * p, sizeof(word));
+    return word;
+  }
+  return int32_t(row[2 * p]);
+}
+
+// The pair (A[i, 2p], A[i, 2p + 1]) as one 32-bit word, from a row-major A (Rows) or from a pair-major word
+// array (Pairs: word p·ld + i, as pair_rows writes it).
+struct RowsA {
+  const uint16_t* a;
+  int64_t lda, k;
+  FASTPREF_TARGET_BF16 int32_t operator()(int64_t i, int64_t p) const { return a_pair(a + i * lda, p, k); }
+  RowsA shifted(int64_t i0) const { return {a + i0 * lda, lda, k}; }
+};
+struct PairsA {
+  const int32_t* a;
+  int64_t ld;
+  FASTPREF_TARGET_BF16 int32_t operator()(int64_t i, int64_t p) const { return a[p * ld + i]; }
+  PairsA shifted(int64_t i0) const { return {a + i0, ld}; }
+};
+
+// c[0..R)[0..n) = A rows [R, k] · one packed panel; n ≤ kPanel columns stored.
+template <int R, typename A>
+FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t k, float* c, int64_t ldc, int64_t n) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int64_t np = pairs(k);
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel + kPanel);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(a(r, p));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+    }
+  }
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
+  }
+}
+
+template <int R, typename A>
+void block_rows(int rows, const A& a, const uint16_t* panel, int64_t k, float* c, int64_t ldc, int64_t n) {
+  if constexpr (R > 1) {
+    if (rows < R) return block_rows<R - 1>(rows, a, panel, k, c, ldc, n);
+  }
+  block<R>(a, panel, k, c, ldc, n);
+}
+
+// Panels outer, register blocks of rows inner: one panel stays in cache while all rows of A pass over it.
+template <typename A>
+void gemm_impl(int64_t m, int64_t n, int64_t k, const A& a, const uint16_t* b, float* c, int64_t ldc) {
+  const int64_t panel_elems = pairs(k) * 2 * kPanel;
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const uint16_t* panel = b + j0 / kPanel * panel_elems;
+    const int64_t width = std::min(kPanel, n - j0);
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      const int rows = int(std::min<int64_t>(kRows, m - i0));
+      block_rows<kRows>(rows, a.shifted(i0), panel, k, c + i0 * ldc + j0, ldc, width);
+    }
+  }
+}
+
+FASTPREF_TARGET_BF16 void round_row(const float* x, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh r = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
+    std::memcpy(out + j, &r, sizeof(r));
+  }
+  for (; j < n; ++j) out[j] = bits(c10::BFloat16(x[j]));
+}
+
+// out[2j] = bf16(lo[j]), out[2j + 1] = bf16(hi[j]) (0 without hi), j < n.
+FASTPREF_TARGET_BF16 void pair_row(const float* lo, const float* hi, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  if (hi != nullptr) {
+    for (; j + 16 <= n; j += 16) {
+      const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + j)));
+      const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(hi + j)));
+      _mm512_storeu_si512(out + 2 * j, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+    }
+  }
+  for (; j < n; ++j) {
+    out[2 * j] = bits(c10::BFloat16(lo[j]));
+    out[2 * j + 1] = hi != nullptr ? bits(c10::BFloat16(hi[j])) : 0;
+  }
+}
+
+// One panel of pack_cols: source rows j < width (b[j·ldb + i] = B[i, j]), whole pairs of k gathered 16 rows at
+// a time, the last pair of an odd k (whose second element lies outside the row) and the padding set one by one.
+FASTPREF_TARGET_BF16 void pack_cols_panel(const uint16_t* b, int64_t ldb, int64_t k, int64_t width, uint16_t* panel) {
+  const int64_t whole = k / 2;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i stride = _mm512_set1_epi32(int32_t(ldb));  // pack_cols checks that 15·ldb fits
+  for (int h = 0; h < 2; ++h) {
+    const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, width - 16 * h));
+    const __mmask16 mask = rows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    const __m512i index = _mm512_mullo_epi32(lane, stride);
+    const uint16_t* src = b + 16 * h * ldb;
+    for (int64_t p = 0; p < whole; ++p) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, index, src + 2 * p, 2);
+      _mm512_storeu_si512(panel + p * 2 * kPanel + 32 * h, words);
+    }
+  }
+  if (k % 2 != 0) {
+    uint16_t* dst = panel + whole * 2 * kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      dst[2 * j] = j < width ? b[j * ldb + k - 1] : 0;
+      dst[2 * j + 1] = 0;
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+bool supported() {
+#if FASTPREF_BF16_KERNEL
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+int64_t packed_elems(int64_t k, int64_t n) { return (n + kPanel - 1) / kPanel * pairs(k) * 2 * kPanel; }
+
+void pack_rows(const c10::BFloat16* b_in, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out_in) {
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(b_in);
+  uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
+  const int64_t np = pairs(k);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t width = std::min(kPanel, n - j0);
+    for (int64_t p = 0; p < np; ++p) {
+      uint16_t* dst = out + (j0 / kPanel * np + p) * 2 * kPanel;
+      const uint16_t* lo = b + 2 * p * ldb + j0;
+      const uint16_t* hi = 2 * p + 1 < k ? lo + ldb : nullptr;
+      for (int64_t j = 0; j < width; ++j) {
+        dst[2 * j] = lo[j];
+        dst[2 * j + 1] = hi != nullptr ? hi[j] : 0;
+      }
+      std::fill(dst + 2 * width, dst + 2 * kPanel, uint16_t(0));
+    }
+  }
+}
+
+void pack_cols(const c10::BFloat16* b_in, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out_in) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(b_in);
+  TORCH_CHECK(ldb < (int64_t{1} << 26), "fastpref: bf16 pack_cols: row stride ", ldb, " too large");
+  uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
+  const int64_t np = pairs(k);
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t width = std::min(kPanel, n - j0);
+    pack_cols_panel(b + j0 * ldb, ldb, k, width, out + j0 / kPanel * np * 2 * kPanel);
+  }
+#endif
+}
+
+void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* packed_b,
+          float* c, int64_t ldc) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
+  calls.fetch_add(1, std::memory_order_relaxed);
+  gemm_impl(m, n, k, RowsA{reinterpret_cast<const uint16_t*>(a), lda, k}, reinterpret_cast<const uint16_t*>(packed_b),
+            c, ldc);
+#endif
+}
+
+void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* packed_b,
+                 float* c, int64_t ldc) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
+  calls.fetch_add(1, std::memory_order_relaxed);
+  gemm_impl(m, n, k, PairsA{reinterpret_cast<const int32_t*>(a_pairs), m},
+            reinterpret_cast<const uint16_t*>(packed_b), c, ldc);
+#endif
+}
+
+void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
+  uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
+  for (int64_t i = 0; i < rows; ++i) round_row(x + i * ldx, cols, out + i * cols);
+#endif
+}
+
+void pair_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
+  uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
+  for (int64_t p = 0; p < pairs(rows); ++p) {
+    const float* lo = x + 2 * p * ldx;
+    pair_row(lo, 2 * p + 1 < rows ? lo + ldx : nullptr, cols, out + 2 * p * cols);
+  }
+#endif
+}
+
+int64_t gemm_calls() { return calls.load(std::memory_order_relaxed); }
+
+}  // namespace fastpref::cpu::bf16
