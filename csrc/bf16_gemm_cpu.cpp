@@ -45,16 +45,27 @@ FASTPREF_TARGET_BF16 inline int32_t a_pair(const uint16_t* row, int64_t p, int64
 // The pair (A[i, 2p], A[i, 2p + 1]) as one 32-bit word, from a row-major A (Rows) or from a pair-major word
 // array (Pairs: word p·ld + i, as pair_rows writes it).
 struct RowsA {
+  static constexpr bool kSplit = false;
   const uint16_t* a;
   int64_t lda, k;
   FASTPREF_TARGET_BF16 int32_t operator()(int64_t i, int64_t p) const { return a_pair(a + i * lda, p, k); }
   RowsA shifted(int64_t i0) const { return {a + i0 * lda, lda, k}; }
 };
 struct PairsA {
+  static constexpr bool kSplit = false;
   const int32_t* a;
   int64_t ld;
   FASTPREF_TARGET_BF16 int32_t operator()(int64_t i, int64_t p) const { return a[p * ld + i]; }
   PairsA shifted(int64_t i0) const { return {a + i0, ld}; }
+};
+// A as the sum of two bf16 operands (a float32 tile split into bf16 high and low parts): both multiply B.
+template <typename A>
+struct SplitA {
+  static constexpr bool kSplit = true;
+  A hi, lo;
+  FASTPREF_TARGET_BF16 int32_t operator()(int64_t i, int64_t p) const { return hi(i, p); }
+  FASTPREF_TARGET_BF16 int32_t low(int64_t i, int64_t p) const { return lo(i, p); }
+  SplitA shifted(int64_t i0) const { return {hi.shifted(i0), lo.shifted(i0)}; }
 };
 
 // c[0..R)[0..n) = A rows [R, k] · one packed panel; n ≤ kPanel columns stored.
@@ -70,6 +81,11 @@ FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t k, fl
       const __m512bh x = (__m512bh)_mm512_set1_epi32(a(r, p));
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, b0);
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, b1);
+      if constexpr (A::kSplit) {
+        const __m512bh y = (__m512bh)_mm512_set1_epi32(a.low(r, p));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], y, b0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], y, b1);
+      }
     }
   }
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
@@ -102,28 +118,59 @@ void gemm_impl(int64_t m, int64_t n, int64_t k, const A& a, const uint16_t* b, f
   }
 }
 
-FASTPREF_TARGET_BF16 void round_row(const float* x, int64_t n, uint16_t* out) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m256bh r = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
-    std::memcpy(out + j, &r, sizeof(r));
-  }
-  for (; j < n; ++j) out[j] = bits(c10::BFloat16(x[j]));
+// bf16 of 16 floats, and of what that rounding left (x − bf16(x), exact in float32).
+FASTPREF_TARGET_BF16 inline __m256i round16(__m512 x, __m256i* low) {
+  const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+  const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+  *low = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+  return hi;
 }
 
-// out[2j] = bf16(lo[j]), out[2j + 1] = bf16(hi[j]) (0 without hi), j < n.
-FASTPREF_TARGET_BF16 void pair_row(const float* lo, const float* hi, int64_t n, uint16_t* out) {
+uint16_t low_part(float x, uint16_t hi) {
+  uint32_t word = uint32_t(hi) << 16;
+  float back;
+  std::memcpy(&back, &word, sizeof(back));
+  return bits(c10::BFloat16(x - back));
+}
+
+// out[j] = bf16(x[j]), out_lo[j] = bf16(x[j] − out[j]) (out_lo may be null), j < n.
+FASTPREF_TARGET_BF16 void round_row(const float* x, int64_t n, uint16_t* out, uint16_t* out_lo) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m256i lo;
+    const __m256i hi = round16(_mm512_loadu_ps(x + j), &lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), hi);
+    if (out_lo != nullptr) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_lo + j), lo);
+  }
+  for (; j < n; ++j) {
+    out[j] = bits(c10::BFloat16(x[j]));
+    if (out_lo != nullptr) out_lo[j] = low_part(x[j], out[j]);
+  }
+}
+
+// out[2j] = bf16(lo[j]), out[2j + 1] = bf16(hi[j]) (0 without hi), j < n; out_lo (may be null) the same for
+// what the rounding left.
+FASTPREF_TARGET_BF16 void pair_row(const float* lo, const float* hi, int64_t n, uint16_t* out, uint16_t* out_lo) {
   int64_t j = 0;
   if (hi != nullptr) {
     for (; j + 16 <= n; j += 16) {
-      const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + j)));
-      const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(hi + j)));
+      __m256i l_rest, h_rest;
+      const __m512i l = _mm512_cvtepu16_epi32(round16(_mm512_loadu_ps(lo + j), &l_rest));
+      const __m512i h = _mm512_cvtepu16_epi32(round16(_mm512_loadu_ps(hi + j), &h_rest));
       _mm512_storeu_si512(out + 2 * j, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+      if (out_lo != nullptr) {
+        const __m512i lr = _mm512_cvtepu16_epi32(l_rest), hr = _mm512_cvtepu16_epi32(h_rest);
+        _mm512_storeu_si512(out_lo + 2 * j, _mm512_or_si512(lr, _mm512_slli_epi32(hr, 16)));
+      }
     }
   }
   for (; j < n; ++j) {
     out[2 * j] = bits(c10::BFloat16(lo[j]));
     out[2 * j + 1] = hi != nullptr ? bits(c10::BFloat16(hi[j])) : 0;
+    if (out_lo != nullptr) {
+      out_lo[2 * j] = low_part(lo[j], out[2 * j]);
+      out_lo[2 * j + 1] = hi != nullptr ? low_part(hi[j], out[2 * j + 1]) : 0;
+    }
   }
 }
 
@@ -200,41 +247,52 @@ void pack_cols(const c10::BFloat16* b_in, int64_t ldb, int64_t k, int64_t n, c10
 #endif
 }
 
-void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* packed_b,
-          float* c, int64_t ldc) {
+void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, const c10::BFloat16* a_lo, int64_t lda,
+          const c10::BFloat16* packed_b, float* c, int64_t ldc) {
   TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
 #if FASTPREF_BF16_KERNEL
   calls.fetch_add(1, std::memory_order_relaxed);
-  gemm_impl(m, n, k, RowsA{reinterpret_cast<const uint16_t*>(a), lda, k}, reinterpret_cast<const uint16_t*>(packed_b),
-            c, ldc);
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(packed_b);
+  const RowsA hi{reinterpret_cast<const uint16_t*>(a), lda, k};
+  if (a_lo == nullptr) return gemm_impl(m, n, k, hi, b, c, ldc);
+  gemm_impl(m, n, k, SplitA<RowsA>{hi, {reinterpret_cast<const uint16_t*>(a_lo), lda, k}}, b, c, ldc);
 #endif
 }
 
-void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* packed_b,
-                 float* c, int64_t ldc) {
+void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* a_pairs_lo,
+                 const c10::BFloat16* packed_b, float* c, int64_t ldc) {
   TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
 #if FASTPREF_BF16_KERNEL
   calls.fetch_add(1, std::memory_order_relaxed);
-  gemm_impl(m, n, k, PairsA{reinterpret_cast<const int32_t*>(a_pairs), m},
-            reinterpret_cast<const uint16_t*>(packed_b), c, ldc);
+  const uint16_t* b = reinterpret_cast<const uint16_t*>(packed_b);
+  const PairsA hi{reinterpret_cast<const int32_t*>(a_pairs), m};
+  if (a_pairs_lo == nullptr) return gemm_impl(m, n, k, hi, b, c, ldc);
+  gemm_impl(m, n, k, SplitA<PairsA>{hi, {reinterpret_cast<const int32_t*>(a_pairs_lo), m}}, b, c, ldc);
 #endif
 }
 
-void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in) {
+void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in,
+                c10::BFloat16* out_lo_in) {
   TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
 #if FASTPREF_BF16_KERNEL
   uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
-  for (int64_t i = 0; i < rows; ++i) round_row(x + i * ldx, cols, out + i * cols);
+  uint16_t* out_lo = reinterpret_cast<uint16_t*>(out_lo_in);
+  for (int64_t i = 0; i < rows; ++i) {
+    round_row(x + i * ldx, cols, out + i * cols, out_lo != nullptr ? out_lo + i * cols : nullptr);
+  }
 #endif
 }
 
-void pair_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in) {
+void pair_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in,
+               c10::BFloat16* out_lo_in) {
   TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
 #if FASTPREF_BF16_KERNEL
   uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
+  uint16_t* out_lo = reinterpret_cast<uint16_t*>(out_lo_in);
   for (int64_t p = 0; p < pairs(rows); ++p) {
     const float* lo = x + 2 * p * ldx;
-    pair_row(lo, 2 * p + 1 < rows ? lo + ldx : nullptr, cols, out + 2 * p * cols);
+    pair_row(lo, 2 * p + 1 < rows ? lo + ldx : nullptr, cols, out + 2 * p * cols,
+             out_lo != nullptr ? out_lo + 2 * p * cols : nullptr);
   }
 #endif
 }

@@ -24,22 +24,25 @@ void pack_rows(const c10::BFloat16* b, int64_t ldb, int64_t k, int64_t n, c10::B
 // Packs B [k, n] given as its transpose, row-major (b[j·ldb + i] = B[i, j]) into `out`.
 void pack_cols(const c10::BFloat16* b, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out);
 
-// c[i·ldc + j] = Σ_p A[i, p]·B[p, j] (overwritten) for i < m, j < n; a[i·lda + p] = A[i, p]; packed_b from
-// pack_rows / pack_cols with the same k and n. Requires supported().
-void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* packed_b,
-          float* c, int64_t ldc);
+// c[i·ldc + j] = Σ_p A[i, p]·B[p, j] (overwritten) for i < m, j < n; a[i·lda + p] = A[i, p], plus
+// a_lo[i·lda + p] when a_lo is not null (A = a + a_lo: a float32 operand split by round_rows, twice the work);
+// packed_b from pack_rows / pack_cols with the same k and n. Requires supported().
+void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, const c10::BFloat16* a_lo, int64_t lda,
+          const c10::BFloat16* packed_b, float* c, int64_t ldc);
 
-// C = A·B as gemm, A given as pairs of its k: pair_rows(Aᵀ) (a_pairs[(p·m + i)·2 + s] = A[i, 2p + s]).
-void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* packed_b,
-                 float* c, int64_t ldc);
+// C = A·B as gemm, A given as pairs of its k: pair_rows(Aᵀ) (a_pairs[(p·m + i)·2 + s] = A[i, 2p + s]), plus
+// a_pairs_lo when not null.
+void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* a_pairs_lo,
+                 const c10::BFloat16* packed_b, float* c, int64_t ldc);
 
-// out = x [rows, cols] (row stride ldx) rounded to bf16 (nearest even), row-major with row stride cols.
-void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out);
+// out = x [rows, cols] (row stride ldx) rounded to bf16 (nearest even), row-major with row stride cols; out_lo
+// (may be null) = bf16(x − out), so that out + out_lo carries x to about 16 bits (x finite).
+void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out, c10::BFloat16* out_lo);
 
 // x [rows, cols] (row stride ldx) rounded to bf16 and interleaved by pairs of rows: out[(p·cols + j)·2 + s] =
 // x[2p + s, j] (0 past the last row), 2·ceil(rows / 2)·cols elements — the A operand of gemm_paired for
-// A = xᵀ (m = cols, k = rows).
-void pair_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out);
+// A = xᵀ (m = cols, k = rows); out_lo (may be null) the same for what the rounding left.
+void pair_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out, c10::BFloat16* out_lo);
 
 // How many bf16 GEMMs (gemm, gemm_paired) have run in this process: lets tests see that the native path ran.
 int64_t gemm_calls();

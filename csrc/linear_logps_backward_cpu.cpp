@@ -36,8 +36,8 @@ struct BackwardProblem {
 
   bool native() const { return rows.low_hidden.defined(); }
 
-  // product [rn, D] = tile columns k0.. [rn, kn] · weight rows v0 + k0..: natively (the tile rounded to bf16) or
-  // from the upcast block w_block.
+  // product [rn, D] = tile columns k0.. [rn, kn] · weight rows v0 + k0..: natively (the tile split in two bf16
+  // parts) or from the upcast block w_block.
   void times_weight(const at::Tensor& tile, int64_t k0, int64_t kn, int64_t v0, const at::Tensor& w_block,
                     at::Tensor& product, LowScratch& low) const {
     if (native()) {
@@ -48,7 +48,7 @@ struct BackwardProblem {
     }
   }
 
-  // product [vn, D] = tileᵀ · gathered rows r0.. [rn, D]: natively (the tile rounded to bf16, packed_rows from
+  // product [vn, D] = tileᵀ · gathered rows r0.. [rn, D]: natively (the tile split in two bf16 parts, packed_rows from
   // pack_hidden_rows) or on the upcast rows.
   void t_times_rows(const at::Tensor& tile, int64_t r0, const at::Tensor& packed_rows, at::Tensor& product,
                     LowScratch& low) const {

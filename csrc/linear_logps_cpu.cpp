@@ -17,12 +17,13 @@
 //
 // Tiling. Only the active rows (label ≠ ignore_index; in backward also g_t ≠ 0) are gathered and upcast once
 // to the accumulation type (float32 for fp16/bf16/fp32, float64 for fp64); the others cost no vocabulary work
-// and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM (at::mm on
-// upcast operands, MKL; for bf16 on a CPU with AVX-512 BF16 or AMX the logits GEMM instead runs in bf16 through
-// oneDNN, float32 accumulation and one bf16 rounding like eager's logits — native_low_precision_logits) into a
+// and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM into a
 // per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias, softcap, temperature, and the
-// online softmax (forward) or the in-place softmax gradient (backward). The dH, dW and Σ p·W GEMMs run on
-// upcast operands.
+// online softmax (forward) or the in-place softmax gradient (backward); then the dH, dW and Σ p·W GEMMs of the
+// tile. The GEMMs: at::mm (MKL) on upcast operands, except for bf16 inputs on a CPU with AVX-512 BF16
+// (native_bf16, linear_logps_cpu.h): there all of them run our bf16 × bf16 → float32 kernel (bf16_gemm_cpu.h),
+// the logits GEMM on the bf16 rows and weight as given (float32 logits, no bf16 rounding), the others on the
+// float32 tile split into bf16 high and low parts (linear_logps_bf16_cpu.cpp). FASTPREF_CPU_UPCAST_BF16=1 forces the upcast path.
 //
 // Parallelism. Work is cut into items that own their outputs (no atomics, no reduction across threads); an
 // item runs its tiles on one thread, so its GEMMs run single-threaded:
@@ -33,16 +34,19 @@
 //   dH and dW/db   one region per row tile; items = fixed groups of vocabulary blocks, each owning its dW rows
 //                  and a partial of the tile's dH, the partials added in group order (three GEMMs per tile).
 // Few, long regions matter: many short ones (a GEMM and a loop per tile) stalled badly on a busy machine.
-// Scratch: per thread one tile, one upcast weight block and GEMM products; the gathered rows with their
+// Scratch: per thread one tile, one upcast weight block (or, native bf16, a packed operand and a split tile)
+// and GEMM products; the gathered rows (native bf16: also in bf16) with their
 // float64 dH; the fused pass adds kFusedGroups dH partials of one row tile, and for fp16/bf16 weights a
 // float32 dW accumulator (the size of dW). Never O(N × V).
 //
 // Determinism. Tile shapes, segments and item boundaries depend only on the shapes and the number of active
 // rows, never on the thread count; every output element is accumulated by one item in a fixed order. The
-// GEMMs are MKL's, whose bits depend only on the shapes here (tests/test_cpp_ops.py checks 1 vs 2 threads).
+// GEMMs are MKL's, whose bits depend only on the shapes here, or our bf16 kernel, one fixed-order sum per output
+// element (tests/test_cpp_ops.py checks 1 vs 2 threads).
 //
 // Files. This one: checks, forward, op registration. linear_logps_backward_cpu.cpp: the backward passes and
-// their accuracy measures. linear_logps_cpu.h: tiling and the gathered rows, shared by both.
+// their accuracy measures. linear_logps_bf16_cpu.cpp: the native bf16 GEMM calls. linear_logps_cpu.h: tiling,
+// the gathered rows and those calls, shared by all three.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
@@ -136,9 +140,9 @@ struct ForwardScratch {
 // unit[i, :] += Σ_j weights[i, j]·W[v0 + j, :] for the rows of `weights` [rn, vn] (rows r0.. of the gathered
 // rows), the GEMM's inner dimension cut at kGemmDepth and each product formed from zero, then added to the float64
 // accumulator (see the accuracy note in linear_logps_backward_cpu.cpp). Upcast path: W from the upcast block.
-// Native bf16: the weights are rounded to bf16, but the target entry of a row is taken out of the tile and its
-// term added apart (the float32 product weight·W[y], as the upcast GEMM forms it): when p_y ≈ 1 the gradient
-// (c·W[y] − Σ p·W) / T cancels against that term, which a bf16 rounding would swamp.
+// Native bf16: the weights are split into bf16 high and low parts, and the target entry of a row is taken out
+// of the tile and its term added apart (the float32 product weight·W[y], as the upcast GEMM forms it): when
+// p_y ≈ 1 the gradient (c·W[y] − Σ p·W) / T cancels against that term, and V = 1 then gives exactly 0.
 template <typename acc_t>
 void accumulate_products(at::Tensor& weights, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
                          int64_t v0, const at::Tensor& w_block, double* unit, at::Tensor& product, LowScratch& low) {

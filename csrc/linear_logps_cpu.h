@@ -1,6 +1,7 @@
-// Shared by the two files of the linear_logps CPU kernels: linear_logps_cpu.cpp (design notes, checks,
-// forward, op registration) and linear_logps_backward_cpu.cpp (the backward passes). Tiling constants and
-// plans, the gathered active rows, and the backward entry point.
+// Shared by the files of the linear_logps CPU kernels: linear_logps_cpu.cpp (design notes, checks, forward, op
+// registration), linear_logps_backward_cpu.cpp (the backward passes) and linear_logps_bf16_cpu.cpp (the native
+// bf16 GEMM calls). Tiling constants and plans, the gathered active rows, the GEMM calls and the backward entry
+// point.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -60,14 +61,15 @@ struct GatheredRows {
 // Whether the GEMMs of `dtype` inputs run natively in bf16 (bf16_gemm_cpu.h: bf16 products accumulated and
 // returned in float32, no bf16 rounding of the logits): bf16 inputs on a CPU with AVX-512 BF16, unless
 // FASTPREF_CPU_UPCAST_BF16=1 forces the upcast path. Then the logits GEMM reads the bf16 rows and weight as they
-// are, and the tiles fed to the other GEMMs (the softmax-gradient tile of dH and dW, the frozen head's weights
-// of Σ p·W) are rounded to bf16 — as eager bf16 rounds its gradient — except the target entry of the Σ p·W
-// weights, which is added in float64 apart (see accumulate_products). Otherwise (fp16, fp32, fp64, bf16 on other
-// CPUs) the tiles are upcast to the accumulation type and the GEMMs are MKL's.
+// are, and the float32 tiles fed to the other GEMMs (the softmax-gradient tile of dH and dW, the frozen head's
+// weights of Σ p·W) are split into two bf16 parts, high + low (about 16 bits; one bf16 rounding, as eager's
+// gradient gets, missed the 2×eager rule on cancelling sums), the target entry of the Σ p·W weights added apart
+// (see accumulate_products). Otherwise (fp16, fp32, fp64, bf16 on other CPUs) the tiles are upcast to the
+// accumulation type and the GEMMs are MKL's.
 bool native_bf16(at::ScalarType dtype);
 
-// Per-thread scratch of the native bf16 GEMMs: a packed B operand and a rounded A operand (undefined when the
-// GEMMs do not run natively).
+// Per-thread scratch of the native bf16 GEMMs: a packed B operand and the two bf16 parts of an A operand
+// (undefined when the GEMMs do not run natively).
 struct LowScratch {
   at::Tensor packed, operand;
 };
@@ -79,11 +81,11 @@ void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const
                  const at::Tensor& w_block, LowScratch& low);
 
 // product [rn, D] (float) = tile [rn, kn] (float, row stride ld) · weight rows v0.. [kn, D], natively: the tile
-// rounded to bf16, the bf16 weight packed.
+// split into bf16 high and low parts, the bf16 weight packed.
 void tile_times_weight_bf16(const float* tile, int64_t rn, int64_t kn, int64_t ld, const at::Tensor& weight,
                             int64_t v0, at::Tensor& product, LowScratch& low);
 
-// product [vn, D] (float) = tileᵀ · rows: tile [rn, vn] (float, row stride vn) rounded to bf16, packed_rows the
+// product [vn, D] (float) = tileᵀ · rows: tile [rn, vn] (float, row stride vn) split in two bf16 parts, packed_rows the
 // bf16 rows [rn, D] packed (pack_hidden_rows).
 void tile_t_times_rows_bf16(const float* tile, int64_t rn, int64_t vn, const at::Tensor& packed_rows,
                             at::Tensor& product, LowScratch& low);
