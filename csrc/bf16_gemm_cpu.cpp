@@ -24,6 +24,7 @@ namespace {
 
 constexpr int64_t kPanel = 32;  // columns per panel: two 16-lane float32 accumulators per row
 constexpr int kRows = 12;       // rows per register block: 24 accumulators
+constexpr int64_t kDepthPairs = 128;  // pairs of k per pass over a panel: its slice (16 KiB) stays in L1
 
 uint16_t bits(c10::BFloat16 x) { return x.x; }
 
@@ -68,13 +69,19 @@ struct SplitA {
   SplitA shifted(int64_t i0) const { return {hi.shifted(i0), lo.shifted(i0)}; }
 };
 
-// c[0..R)[0..n) = A rows [R, k] · one packed panel; n ≤ kPanel columns stored.
+// c[0..R)[0..n) (+)= A rows [R, pairs p0..p1) · the same pairs of one packed panel; n ≤ kPanel columns stored,
+// added to what c holds unless p0 = 0.
 template <int R, typename A>
-FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t k, float* c, int64_t ldc, int64_t n) {
+FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t p0, int64_t p1, float* c, int64_t ldc,
+                                int64_t n) {
+  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
   __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const int64_t np = pairs(k);
-  for (int64_t p = 0; p < np; ++p) {
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = p0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, c + r * ldc);
+    acc[r][1] = p0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, c + r * ldc + 16);
+  }
+  for (int64_t p = p0; p < p1; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel);
     const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + p * 2 * kPanel + kPanel);
     for (int r = 0; r < R; ++r) {
@@ -88,8 +95,6 @@ FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t k, fl
       }
     }
   }
-  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n <= 16 ? __mmask16(0) : __mmask16((1u << (n - 16)) - 1);
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m0, acc[r][0]);
     _mm512_mask_storeu_ps(c + r * ldc + 16, m1, acc[r][1]);
@@ -97,23 +102,28 @@ FASTPREF_TARGET_BF16 void block(const A& a, const uint16_t* panel, int64_t k, fl
 }
 
 template <int R, typename A>
-void block_rows(int rows, const A& a, const uint16_t* panel, int64_t k, float* c, int64_t ldc, int64_t n) {
+void block_rows(int rows, const A& a, const uint16_t* panel, int64_t p0, int64_t p1, float* c, int64_t ldc,
+                int64_t n) {
   if constexpr (R > 1) {
-    if (rows < R) return block_rows<R - 1>(rows, a, panel, k, c, ldc, n);
+    if (rows < R) return block_rows<R - 1>(rows, a, panel, p0, p1, c, ldc, n);
   }
-  block<R>(a, panel, k, c, ldc, n);
+  block<R>(a, panel, p0, p1, c, ldc, n);
 }
 
-// Panels outer, register blocks of rows inner: one panel stays in cache while all rows of A pass over it.
+// Panels outer, then slices of kDepthPairs pairs of k, register blocks of rows inner: the panel's slice stays in
+// L1 while all rows of A pass over it. Each output element sums its k in order, slice after slice.
 template <typename A>
 void gemm_impl(int64_t m, int64_t n, int64_t k, const A& a, const uint16_t* b, float* c, int64_t ldc) {
-  const int64_t panel_elems = pairs(k) * 2 * kPanel;
+  const int64_t np = pairs(k), panel_elems = np * 2 * kPanel;
   for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
     const uint16_t* panel = b + j0 / kPanel * panel_elems;
     const int64_t width = std::min(kPanel, n - j0);
-    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-      const int rows = int(std::min<int64_t>(kRows, m - i0));
-      block_rows<kRows>(rows, a.shifted(i0), panel, k, c + i0 * ldc + j0, ldc, width);
+    for (int64_t p0 = 0; p0 < np; p0 += kDepthPairs) {
+      const int64_t p1 = std::min(np, p0 + kDepthPairs);
+      for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+        const int rows = int(std::min<int64_t>(kRows, m - i0));
+        block_rows<kRows>(rows, a.shifted(i0), panel, p0, p1, c + i0 * ldc + j0, ldc, width);
+      }
     }
   }
 }
@@ -174,6 +184,19 @@ FASTPREF_TARGET_BF16 void pair_row(const float* lo, const float* hi, int64_t n, 
   }
 }
 
+// One pair of rows of pack_rows into one panel row: dst[2j] = lo[j], dst[2j + 1] = hi[j] (0 without hi) for
+// j < width, zeros up to kPanel.
+FASTPREF_TARGET_BF16 void pack_pair(const uint16_t* lo, const uint16_t* hi, int64_t width, uint16_t* dst) {
+  for (int64_t j = 0; j < kPanel; j += 16) {
+    const int64_t left = std::max<int64_t>(0, std::min<int64_t>(16, width - j));
+    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo + j));
+    const __m512i h = hi != nullptr ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, hi + j))
+                                    : _mm512_setzero_si512();
+    _mm512_storeu_si512(dst + 2 * j, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  }
+}
+
 // One panel of pack_cols: source rows j < width (b[j·ldb + i] = B[i, j]), whole pairs of k gathered 16 rows at
 // a time, the last pair of an odd k (whose second element lies outside the row) and the padding set one by one.
 FASTPREF_TARGET_BF16 void pack_cols_panel(const uint16_t* b, int64_t ldb, int64_t k, int64_t width, uint16_t* panel) {
@@ -215,22 +238,19 @@ bool supported() {
 int64_t packed_elems(int64_t k, int64_t n) { return (n + kPanel - 1) / kPanel * pairs(k) * 2 * kPanel; }
 
 void pack_rows(const c10::BFloat16* b_in, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out_in) {
+  TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
+#if FASTPREF_BF16_KERNEL
   const uint16_t* b = reinterpret_cast<const uint16_t*>(b_in);
   uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
   const int64_t np = pairs(k);
   for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
     const int64_t width = std::min(kPanel, n - j0);
     for (int64_t p = 0; p < np; ++p) {
-      uint16_t* dst = out + (j0 / kPanel * np + p) * 2 * kPanel;
       const uint16_t* lo = b + 2 * p * ldb + j0;
-      const uint16_t* hi = 2 * p + 1 < k ? lo + ldb : nullptr;
-      for (int64_t j = 0; j < width; ++j) {
-        dst[2 * j] = lo[j];
-        dst[2 * j + 1] = hi != nullptr ? hi[j] : 0;
-      }
-      std::fill(dst + 2 * width, dst + 2 * kPanel, uint16_t(0));
+      pack_pair(lo, 2 * p + 1 < k ? lo + ldb : nullptr, width, out + (j0 / kPanel * np + p) * 2 * kPanel);
     }
   }
+#endif
 }
 
 void pack_cols(const c10::BFloat16* b_in, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out_in) {
@@ -272,13 +292,13 @@ void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, 
 }
 
 void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out_in,
-                c10::BFloat16* out_lo_in) {
+                c10::BFloat16* out_lo_in, int64_t ld_out) {
   TORCH_CHECK(supported(), "fastpref: the bf16 GEMM needs a CPU with AVX-512 BF16");
 #if FASTPREF_BF16_KERNEL
   uint16_t* out = reinterpret_cast<uint16_t*>(out_in);
   uint16_t* out_lo = reinterpret_cast<uint16_t*>(out_lo_in);
   for (int64_t i = 0; i < rows; ++i) {
-    round_row(x + i * ldx, cols, out + i * cols, out_lo != nullptr ? out_lo + i * cols : nullptr);
+    round_row(x + i * ldx, cols, out + i * ld_out, out_lo != nullptr ? out_lo + i * ld_out : nullptr);
   }
 #endif
 }

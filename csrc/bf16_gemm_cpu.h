@@ -18,7 +18,8 @@ bool supported();
 // bf16 elements of a packed [k, n] B (columns padded to the panel width, k to even).
 int64_t packed_elems(int64_t k, int64_t n);
 
-// Packs B [k, n] given row-major (b[i·ldb + j] = B[i, j]) into `out` (packed_elems(k, n) elements).
+// Packs B [k, n] given row-major (b[i·ldb + j] = B[i, j]) into `out` (packed_elems(k, n) elements). The packs
+// and the GEMMs require supported().
 void pack_rows(const c10::BFloat16* b, int64_t ldb, int64_t k, int64_t n, c10::BFloat16* out);
 
 // Packs B [k, n] given as its transpose, row-major (b[j·ldb + i] = B[i, j]) into `out`.
@@ -35,9 +36,14 @@ void gemm(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a, const c10::BF
 void gemm_paired(int64_t m, int64_t n, int64_t k, const c10::BFloat16* a_pairs, const c10::BFloat16* a_pairs_lo,
                  const c10::BFloat16* packed_b, float* c, int64_t ldc);
 
-// out = x [rows, cols] (row stride ldx) rounded to bf16 (nearest even), row-major with row stride cols; out_lo
+// out = x [rows, cols] (row stride ldx) rounded to bf16 (nearest even), row-major with row stride ld_out; out_lo
 // (may be null) = bf16(x − out), so that out + out_lo carries x to about 16 bits (x finite).
-void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out, c10::BFloat16* out_lo);
+void round_rows(const float* x, int64_t rows, int64_t cols, int64_t ldx, c10::BFloat16* out, c10::BFloat16* out_lo,
+                int64_t ld_out);
+
+// A row stride of at least `cols` bf16 elements that is not a multiple of 4 KiB apart from row to row: the
+// GEMM reads 12 rows of A (and of its low part) at once, which a 4 KiB stride would map to one set of L1.
+inline int64_t staggered_stride(int64_t cols) { return (cols + 31) / 32 * 32 + 16; }
 
 // x [rows, cols] (row stride ldx) rounded to bf16 and interleaved by pairs of rows: out[(p·cols + j)·2 + s] =
 // x[2p + s, j] (0 past the last row), 2·ceil(rows / 2)·cols elements — the A operand of gemm_paired for

@@ -33,7 +33,9 @@ LowScratch low_scratch(const GatheredRows& rows, int64_t tile_rows, int64_t tile
   const int64_t packed = std::max(bf16::packed_elems(dim, tile_vocab),
                                   bf16::packed_elems(std::min(tile_vocab, kGemmDepth), dim));
   const auto opts = rows.low_hidden.options();
-  return {at::empty({packed}, opts), at::empty({2, (tile_rows + 1) * tile_vocab}, opts)};
+  // the high and low parts of an A operand, the low part staggered against the high one as well
+  const int64_t part = (tile_rows + 1) * bf16::staggered_stride(tile_vocab) + 48;
+  return {at::empty({packed}, opts), at::empty({2, part}, opts)};
 }
 
 void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const at::Tensor& weight, int64_t v0,
@@ -51,11 +53,12 @@ void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const
 void tile_times_weight_bf16(const float* tile, int64_t rn, int64_t kn, int64_t ld, const at::Tensor& weight,
                             int64_t v0, at::Tensor& product, LowScratch& low) {
   const int64_t dim = weight.size(1);
+  const int64_t lda = bf16::staggered_stride(kn);
   c10::BFloat16* hi = bf16_ptr(low.operand);
   c10::BFloat16* lo = hi + low.operand.size(1);
-  bf16::round_rows(tile, rn, kn, ld, hi, lo);
+  bf16::round_rows(tile, rn, kn, ld, hi, lo, lda);
   bf16::pack_rows(bf16_ptr(weight) + v0 * dim, dim, kn, dim, bf16_ptr(low.packed));
-  bf16::gemm(rn, dim, kn, hi, lo, kn, bf16_ptr(low.packed), product.data_ptr<float>(), dim);
+  bf16::gemm(rn, dim, kn, hi, lo, lda, bf16_ptr(low.packed), product.data_ptr<float>(), dim);
 }
 
 void tile_t_times_rows_bf16(const float* tile, int64_t rn, int64_t vn, const at::Tensor& packed_rows,

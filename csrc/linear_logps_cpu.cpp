@@ -23,7 +23,8 @@
 // tile. The GEMMs: at::mm (MKL) on upcast operands, except for bf16 inputs on a CPU with AVX-512 BF16
 // (native_bf16, linear_logps_cpu.h): there all of them run our bf16 × bf16 → float32 kernel (bf16_gemm_cpu.h),
 // the logits GEMM on the bf16 rows and weight as given (float32 logits, no bf16 rounding), the others on the
-// float32 tile split into bf16 high and low parts (linear_logps_bf16_cpu.cpp). FASTPREF_CPU_UPCAST_BF16=1 forces the upcast path.
+// float32 tile split into bf16 high and low parts (linear_logps_bf16_cpu.cpp). FASTPREF_CPU_UPCAST_BF16=1
+// forces the upcast path.
 //
 // Parallelism. Work is cut into items that own their outputs (no atomics, no reduction across threads); an
 // item runs its tiles on one thread, so its GEMMs run single-threaded:
@@ -260,7 +261,9 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
         for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] *= rescale;
       }
     }
-    if (unit != nullptr) accumulate_products<acc_t>(logits, rows, r0, weight, v0, w_block, unit, scratch.product, scratch.low);
+    if (unit != nullptr) {
+      accumulate_products<acc_t>(logits, rows, r0, weight, v0, w_block, unit, scratch.product, scratch.low);
+    }
   }
 }
 
