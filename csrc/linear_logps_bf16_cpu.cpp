@@ -5,6 +5,7 @@
 // bf16_gemm_cpu.h's kernel: float32 accumulation and float32 results, single-threaded inside the work item.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
