@@ -33,6 +33,41 @@ struct BackwardProblem {
       softmax_grad(z, vn, stats.max[row], stats.log_sum[row], stats.grad_scale[row], cap_k, local);
     }
   }
+
+  bool native() const { return rows.low_hidden.defined(); }
+
+  // product [rn, D] = tile columns k0.. [rn, kn] · weight rows v0 + k0..: natively (the tile split in two bf16
+  // parts) or from the upcast block w_block.
+  void times_weight(const at::Tensor& tile, int64_t k0, int64_t kn, int64_t v0, const at::Tensor& w_block,
+                    at::Tensor& product, LowScratch& low) const {
+    if (native()) {
+      tile_times_weight_bf16(tile.data_ptr<float>() + k0, tile.size(0), kn, tile.size(1), weight, v0 + k0, product,
+                             low);
+    } else {
+      at::mm_out(product, tile.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    }
+  }
+
+  // product [vn, D] = tileᵀ · gathered rows r0.. [rn, D]: natively (the tile split in two bf16 parts, packed_rows from
+  // pack_hidden_rows) or on the upcast rows.
+  void t_times_rows(const at::Tensor& tile, int64_t r0, const at::Tensor& packed_rows, at::Tensor& product,
+                    LowScratch& low) const {
+    if (native()) {
+      tile_t_times_rows_bf16(tile.data_ptr<float>(), tile.size(0), tile.size(1), packed_rows, product, low);
+    } else {
+      at::mm_out(product, tile.t(), rows.hidden.narrow(0, r0, tile.size(0)));
+    }
+  }
+
+  // The B operands of t_times_rows for the row tiles of `rows_per_tile` rows (empty unless native).
+  std::vector<at::Tensor> packed_row_tiles(int64_t rows_per_tile) const {
+    std::vector<at::Tensor> packed;
+    const int64_t n = rows.hidden.size(0);
+    for (int64_t r0 = 0; native() && r0 < n; r0 += rows_per_tile) {
+      packed.push_back(pack_hidden_rows(rows, r0, std::min(rows_per_tile, n - r0)));
+    }
+    return packed;
+  }
 };
 
 // dH of the active rows into dhidden_rows ([n, D] float64). Work items: row tiles, each walking the whole
@@ -45,14 +80,14 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
   const int64_t dim = p.weight.size(1);
   const Tiling tiling = plan_tiles(short_row_block(n), vocab, dim);
   const auto opts = hidden.options();
-  const bool upcast = p.weight.scalar_type() != hidden.scalar_type();
+  const bool upcast = p.weight.scalar_type() != hidden.scalar_type() && !p.native();
   double* dh = dhidden_rows.data_ptr<double>();
   at::parallel_for(0, ceil_div(n, tiling.rows), 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
     at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
     at::Tensor product = at::empty({tiling.rows, dim}, opts);
-    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
+    LowScratch low = low_scratch(p.rows, tiling.rows, tiling.vocab, dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t r0 = item * tiling.rows;
       const int64_t rn = std::min(tiling.rows, n - r0);
@@ -60,13 +95,13 @@ void backward_hidden(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows) 
       const acc_t* prod = rows_product.data_ptr<acc_t>();
       for (int64_t v0 = 0; v0 < vocab; v0 += tiling.vocab) {
         const int64_t vn = std::min(tiling.vocab, vocab - v0);
-        const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
+        const at::Tensor w_block = p.native() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low);
         p.grad_tile(logits.data_ptr<acc_t>(), rn, vn, r0, v0);
         for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
           const int64_t kn = std::min(kGemmDepth, vn - k0);
-          at::mm_out(rows_product, logits.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+          p.times_weight(logits, k0, kn, v0, w_block, rows_product, low);
           for (int64_t j = 0; j < rn * dim; ++j) dh[r0 * dim + j] += prod[j];
         }
       }
@@ -84,7 +119,9 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
   const int64_t dim = p.weight.size(1);
   const Tiling tiling = plan_tiles(tall_row_block(n), vocab, dim);
   const auto opts = hidden.options();
-  const bool upcast = p.weight.scalar_type() != hidden.scalar_type();
+  const bool upcast = p.weight.scalar_type() != hidden.scalar_type() && !p.native();
+  const std::vector<at::Tensor> packed_rows =
+      dweight.defined() ? p.packed_row_tiles(tiling.rows) : std::vector<at::Tensor>();
   at::parallel_for(0, ceil_div(vocab, tiling.vocab), 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
@@ -92,13 +129,12 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
     at::Tensor product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
     at::Tensor dw_acc = dweight.defined() ? at::empty({tiling.vocab, dim}, opts.dtype(at::kDouble)) : at::Tensor();
     at::Tensor db_acc = dbias.defined() ? at::empty({tiling.vocab}, opts.dtype(at::kDouble)) : at::Tensor();
-    at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
+    LowScratch low = low_scratch(p.rows, tiling.rows, tiling.vocab, dim);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t v0 = item * tiling.vocab;
       const int64_t vn = std::min(tiling.vocab, vocab - v0);
       // only the logits GEMM reads the weight here: no upcast block when it runs natively
-      const at::Tensor w_block =
-          p.rows.low_hidden.defined() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
+      const at::Tensor w_block = p.native() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
       double* dw = dweight.defined() ? dw_acc.data_ptr<double>() : nullptr;
       double* db = dbias.defined() ? db_acc.data_ptr<double>() : nullptr;
       if (dw != nullptr) std::fill(dw, dw + vn * dim, 0.0);
@@ -106,12 +142,13 @@ void backward_weight(const BackwardProblem<acc_t>& p, at::Tensor& dweight, at::T
       for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
         const int64_t rn = std::min(tiling.rows, n - r0);
         at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
+        logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low);
         acc_t* base = logits.data_ptr<acc_t>();
         p.grad_tile(base, rn, vn, r0, v0);
         if (dw != nullptr) {
           at::Tensor block_product = product.narrow(0, 0, vn);
-          at::mm_out(block_product, logits.t(), hidden.narrow(0, r0, rn));
+          const at::Tensor packed = p.native() ? packed_rows[r0 / tiling.rows] : at::Tensor();
+          p.t_times_rows(logits, r0, packed, block_product, low);
           const acc_t* prod = block_product.data_ptr<acc_t>();
           for (int64_t j = 0; j < vn * dim; ++j) dw[j] += prod[j];
         }
@@ -145,7 +182,7 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
   const int64_t blocks_per_group = ceil_div(vocab_blocks, std::min(vocab_blocks, kFusedGroups));
   const int64_t groups = ceil_div(vocab_blocks, blocks_per_group);
   const auto opts = hidden.options();
-  const bool upcast = p.weight.scalar_type() != hidden.scalar_type();
+  const bool upcast = p.weight.scalar_type() != hidden.scalar_type() && !p.native();
   // dW accumulates in place when the weight already has the accumulation dtype, else in a float32 copy.
   const bool dweight_direct = dweight.defined() && dweight.scalar_type() == hidden.scalar_type();
   at::Tensor dw_acc = !dweight.defined() ? at::Tensor() : dweight_direct ? dweight : at::zeros({vocab, dim}, opts);
@@ -155,14 +192,15 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
 
   for (int64_t r0 = 0; r0 < n; r0 += tiling.rows) {
     const int64_t rn = std::min(tiling.rows, n - r0);
-    const at::Tensor h_rows = hidden.narrow(0, r0, rn);
+    const at::Tensor packed_rows =
+        p.native() && dweight.defined() ? pack_hidden_rows(p.rows, r0, rn) : at::Tensor();
     at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
       at::Tensor tile = at::empty({tiling.rows * tiling.vocab}, opts);
       at::Tensor weight_buffer = upcast ? at::empty({tiling.vocab * dim}, opts) : at::Tensor();
       at::Tensor dh_product = at::empty({rn, dim}, opts);
       at::Tensor dw_product = dweight.defined() ? at::empty({tiling.vocab, dim}, opts) : at::Tensor();
-      at::Tensor low_tile = low_precision_tile(p.rows, tiling.rows * tiling.vocab);
+      LowScratch low = low_scratch(p.rows, tiling.rows, tiling.vocab, dim);
       const acc_t* dh_prod = dh_product.data_ptr<acc_t>();
       for (int64_t group = begin; group < end; ++group) {
         acc_t* partial = partials.data_ptr<acc_t>() + group * tiling.rows * dim;
@@ -171,21 +209,21 @@ void backward_fused(const BackwardProblem<acc_t>& p, at::Tensor& dhidden_rows, a
         for (int64_t block = group * blocks_per_group; block < last_block; ++block) {
           const int64_t v0 = block * tiling.vocab;
           const int64_t vn = std::min(tiling.vocab, vocab - v0);
-          const at::Tensor w_block = weight_block(p.weight, v0, vn, weight_buffer);
+          const at::Tensor w_block = p.native() ? at::Tensor() : weight_block(p.weight, v0, vn, weight_buffer);
           at::Tensor logits = tile.narrow(0, 0, rn * vn).view({rn, vn});
-          logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low_tile);
+          logits_gemm(logits, p.rows, r0, p.weight, v0, w_block, low);
           acc_t* base = logits.data_ptr<acc_t>();
           p.grad_tile(base, rn, vn, r0, v0);
           for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
             const int64_t kn = std::min(kGemmDepth, vn - k0);
-            at::mm_out(dh_product, logits.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+            p.times_weight(logits, k0, kn, v0, w_block, dh_product, low);
             for (int64_t j = 0; j < rn * dim; ++j) partial[j] += dh_prod[j];
           }
           acc_t* dw = dweight.defined() ? dw_acc.data_ptr<acc_t>() + v0 * dim : nullptr;
           double* db = dbias.defined() ? db_acc.data_ptr<double>() + v0 : nullptr;
           if (dw != nullptr) {
             at::Tensor block_product = dw_product.narrow(0, 0, vn);
-            at::mm_out(block_product, logits.t(), h_rows);
+            p.t_times_rows(logits, r0, packed_rows, block_product, low);
             const acc_t* prod = block_product.data_ptr<acc_t>();
             for (int64_t j = 0; j < vn * dim; ++j) dw[j] += prod[j];
           }

@@ -17,12 +17,14 @@
 //
 // Tiling. Only the active rows (label ≠ ignore_index; in backward also g_t ≠ 0) are gathered and upcast once
 // to the accumulation type (float32 for fp16/bf16/fp32, float64 for fp64); the others cost no vocabulary work
-// and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM (at::mm on
-// upcast operands, MKL; for bf16 on a CPU with AVX-512 BF16 or AMX the logits GEMM instead runs in bf16 through
-// oneDNN, float32 accumulation and one bf16 rounding like eager's logits — native_low_precision_logits) into a
+// and get 0. Logits exist only as rows × vocab tiles (≤ 256 × 2048 float32 at 256 rows): one GEMM into a
 // per-thread scratch tile, then our own row loops (logps_cpu_rows.cpp): bias, softcap, temperature, and the
-// online softmax (forward) or the in-place softmax gradient (backward). The dH, dW and Σ p·W GEMMs run on
-// upcast operands.
+// online softmax (forward) or the in-place softmax gradient (backward); then the dH, dW and Σ p·W GEMMs of the
+// tile. The GEMMs: at::mm (MKL) on upcast operands, except for bf16 inputs on a CPU with AVX-512 BF16
+// (native_bf16, linear_logps_cpu.h): there all of them run our bf16 × bf16 → float32 kernel (bf16_gemm_cpu.h),
+// the logits GEMM on the bf16 rows and weight as given (float32 logits, no bf16 rounding), the others on the
+// float32 tile split into bf16 high and low parts (linear_logps_bf16_cpu.cpp). FASTPREF_CPU_UPCAST_BF16=1
+// forces the upcast path.
 //
 // Parallelism. Work is cut into items that own their outputs (no atomics, no reduction across threads); an
 // item runs its tiles on one thread, so its GEMMs run single-threaded:
@@ -33,28 +35,29 @@
 //   dH and dW/db   one region per row tile; items = fixed groups of vocabulary blocks, each owning its dW rows
 //                  and a partial of the tile's dH, the partials added in group order (three GEMMs per tile).
 // Few, long regions matter: many short ones (a GEMM and a loop per tile) stalled badly on a busy machine.
-// Scratch: per thread one tile, one upcast weight block and GEMM products; the gathered rows with their
+// Scratch: per thread one tile, one upcast weight block (or, native bf16, a packed operand and a split tile)
+// and GEMM products; the gathered rows (native bf16: also in bf16) with their
 // float64 dH; the fused pass adds kFusedGroups dH partials of one row tile, and for fp16/bf16 weights a
 // float32 dW accumulator (the size of dW). Never O(N × V).
 //
 // Determinism. Tile shapes, segments and item boundaries depend only on the shapes and the number of active
 // rows, never on the thread count; every output element is accumulated by one item in a fixed order. The
-// GEMMs are MKL's, whose bits depend only on the shapes here (tests/test_cpp_ops.py checks 1 vs 2 threads).
+// GEMMs are MKL's, whose bits depend only on the shapes here, or our bf16 kernel, one fixed-order sum per output
+// element (tests/test_cpp_ops.py checks 1 vs 2 threads).
 //
 // Files. This one: checks, forward, op registration. linear_logps_backward_cpu.cpp: the backward passes and
-// their accuracy measures. linear_logps_cpu.h: tiling and the gathered rows, shared by both.
+// their accuracy measures. linear_logps_bf16_cpu.cpp: the native bf16 GEMM calls. linear_logps_cpu.h: tiling,
+// the gathered rows and those calls, shared by all three.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "linear_logps_cpu.h"
@@ -109,31 +112,6 @@ std::vector<int64_t> active_rows(const int64_t* labels, const double* grad, int6
   return rows;
 }
 
-}  // namespace
-
-namespace linear {
-
-bool native_low_precision_logits(at::ScalarType dtype) {
-  if (dtype != at::kBFloat16) return false;
-  // Opt-in: on short sums its bf16-rounded logits can miss the 2×eager rule by chance (a fuzz case, V = 5),
-  // where the upcast tiles never do.
-  const char* on = std::getenv("FASTPREF_CPU_NATIVE_BF16");
-  if (on == nullptr || std::strcmp(on, "1") != 0) return false;
-  static const bool supported = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    auto has = [&](const char* key) {
-      const auto it = caps.find(key);
-      return it != caps.end() && it->second.isBool() && it->second.toBool();
-    };
-    return has("avx512_bf16") || has("amx_bf16");
-  }();
-  return supported;
-}
-
-}  // namespace linear
-
-namespace {
-
 at::Tensor index_tensor(const std::vector<int64_t>& rows) {
   return at::from_blob(const_cast<int64_t*>(rows.data()), {static_cast<int64_t>(rows.size())}, at::kLong)
       .clone();
@@ -153,20 +131,43 @@ struct RowEpilogue {
 
 // Per-thread scratch of the forward: one logits tile, one upcast weight block, one [rows, D] GEMM product.
 struct ForwardScratch {
-  at::Tensor tile, weight_buffer, product, low_tile;
+  at::Tensor tile, weight_buffer, product;
+  LowScratch low;
 };
 
-// unit[i, :] += Σ_j weights[i, j]·w_block[j, :] for the rows of `weights` [rn, vn], the GEMM's inner dimension
-// cut at kGemmDepth and each product formed from zero, then added to the float64 accumulator (see the accuracy
-// note in linear_logps_backward_cpu.cpp).
+// unit[i, :] += Σ_j weights[i, j]·W[v0 + j, :] for the rows of `weights` [rn, vn] (rows r0.. of the gathered
+// rows), the GEMM's inner dimension cut at kGemmDepth and each product formed from zero, then added to the float64
+// accumulator (see the accuracy note in linear_logps_backward_cpu.cpp). Upcast path: W from the upcast block.
+// Native bf16: the weights are split into bf16 high and low parts, and the target entry of a row is taken out
+// of the tile and its term added apart (the float32 product weight·W[y], as the upcast GEMM forms it): when
+// p_y ≈ 1 the gradient (c·W[y] − Σ p·W) / T cancels against that term, and V = 1 then gives exactly 0.
 template <typename acc_t>
-void accumulate_products(const at::Tensor& weights, const at::Tensor& w_block, double* unit, at::Tensor& product) {
-  const int64_t rn = weights.size(0), vn = weights.size(1), dim = w_block.size(1);
+void accumulate_products(at::Tensor& weights, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
+                         int64_t v0, const at::Tensor& w_block, double* unit, at::Tensor& product, LowScratch& low) {
+  const int64_t rn = weights.size(0), vn = weights.size(1), dim = weight.size(1);
   at::Tensor rows_product = product.narrow(0, 0, rn);
   const acc_t* prod = rows_product.data_ptr<acc_t>();
+  const bool native = rows.low_hidden.defined();
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (native) {
+      const at::BFloat16* w = weight.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < rn; ++i) {
+        const int64_t local = rows.labels[r0 + i] - v0;  // labels are -1 or in [0, V): no overflow
+        if (rows.labels[r0 + i] < 0 || local < 0 || local >= vn) continue;
+        float& entry = weights.data_ptr<float>()[i * vn + local];
+        const at::BFloat16* w_y = w + rows.labels[r0 + i] * dim;
+        for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] += double(entry * float(w_y[d]));
+        entry = 0.0f;
+      }
+    }
+  }
   for (int64_t k0 = 0; k0 < vn; k0 += kGemmDepth) {
     const int64_t kn = std::min(kGemmDepth, vn - k0);
-    at::mm_out(rows_product, weights.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    if (native) {
+      tile_times_weight_bf16(weights.data_ptr<float>() + k0, rn, kn, vn, weight, v0 + k0, rows_product, low);
+    } else {
+      at::mm_out(rows_product, weights.narrow(1, k0, kn), w_block.narrow(0, k0, kn));
+    }
     for (int64_t j = 0; j < rn * dim; ++j) unit[j] += prod[j];
   }
 }
@@ -181,7 +182,7 @@ GatheredRows gather_rows(const at::Tensor& hidden, const std::optional<at::Tenso
   if (bias.has_value()) g.bias = bias->to(acc).contiguous();
   g.labels.reserve(rows.size());
   for (int64_t r : rows) g.labels.push_back(labels[r] >= 0 && labels[r] < vocab ? labels[r] : -1);
-  if (native_low_precision_logits(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
+  if (native_bf16(hidden.scalar_type())) g.low_hidden = hidden.index_select(0, g.index).contiguous();
   return g;
 }
 
@@ -234,11 +235,11 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
   for (int64_t block = segment * plan.blocks_per_segment; block < last_block; ++block) {
     const int64_t v0 = block * plan.tiling.vocab;
     const int64_t vn = std::min(plan.tiling.vocab, vocab - v0);
-    // the upcast block is needed for Σ p·W, and for the logits unless they are computed natively
-    const bool need_block = unit != nullptr || !rows.low_hidden.defined();
-    const at::Tensor w_block = need_block ? weight_block(weight, v0, vn, scratch.weight_buffer) : at::Tensor();
+    // native bf16 GEMMs read the weight as it is: no upcast block
+    const at::Tensor w_block =
+        rows.low_hidden.defined() ? at::Tensor() : weight_block(weight, v0, vn, scratch.weight_buffer);
     at::Tensor logits = scratch.tile.narrow(0, 0, rn * vn).view({rn, vn});
-    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low_tile);
+    logits_gemm(logits, rows, r0, weight, v0, w_block, scratch.low);
     acc_t* base = logits.data_ptr<acc_t>();
     for (int64_t i = 0; i < rn; ++i) {
       acc_t* z = base + i * vn;
@@ -257,7 +258,9 @@ void forward_item(const GatheredRows& rows, const at::Tensor& weight, const Forw
         for (int64_t d = 0; d < dim; ++d) unit[i * dim + d] *= rescale;
       }
     }
-    if (unit != nullptr) accumulate_products<acc_t>(logits, w_block, unit, scratch.product);
+    if (unit != nullptr) {
+      accumulate_products<acc_t>(logits, rows, r0, weight, v0, w_block, unit, scratch.product, scratch.low);
+    }
   }
 }
 
@@ -338,14 +341,14 @@ RowSoftmax<acc_t> forward_rows(const GatheredRows& rows, const at::Tensor& weigh
   out.target.assign(n, std::numeric_limits<acc_t>::quiet_NaN());  // stays NaN for a label outside [0, V)
   const RowEpilogue<acc_t> epi{rows.bias.defined() ? rows.bias.data_ptr<acc_t>() : nullptr, acc_t(softcap),
                                acc_t(1.0 / temperature), softcap > 0 ? acc_t(temperature / softcap) : acc_t(0)};
-  const bool upcast = weight.scalar_type() != rows.hidden.scalar_type();
+  const bool upcast = weight.scalar_type() != rows.hidden.scalar_type() && !rows.low_hidden.defined();
 
   at::parallel_for(0, plan.row_blocks * plan.segments, 1, [&](int64_t begin, int64_t end) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;  // dispatch state is per thread
     ForwardScratch scratch{at::empty({plan.tiling.rows * plan.tiling.vocab}, opts),
                            upcast ? at::empty({plan.tiling.vocab * dim}, opts) : at::Tensor(),
                            want_hidden_grad ? at::empty({plan.tiling.rows, dim}, opts) : at::Tensor(),
-                           low_precision_tile(rows, plan.tiling.rows * plan.tiling.vocab)};
+                           low_scratch(rows, plan.tiling.rows, plan.tiling.vocab, dim)};
     for (int64_t item = begin; item < end; ++item) {
       forward_item(rows, weight, plan, item % plan.segments, (item / plan.segments) * plan.tiling.rows, epi, parts,
                    out.target, scratch);

@@ -1,6 +1,7 @@
-// Shared by the two files of the linear_logps CPU kernels: linear_logps_cpu.cpp (design notes, checks,
-// forward, op registration) and linear_logps_backward_cpu.cpp (the backward passes). Tiling constants and
-// plans, the gathered active rows, and the backward entry point.
+// Shared by the files of the linear_logps CPU kernels: linear_logps_cpu.cpp (design notes, checks, forward, op
+// registration), linear_logps_backward_cpu.cpp (the backward passes) and linear_logps_bf16_cpu.cpp (the native
+// bf16 GEMM calls). Tiling constants and plans, the gathered active rows, the GEMM calls and the backward entry
+// point.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -54,33 +55,43 @@ struct GatheredRows {
   at::Tensor hidden;    // [n, D] accumulation type, contiguous
   at::Tensor bias;      // [V] accumulation type, or undefined
   std::vector<int64_t> labels;
-  at::Tensor low_hidden;  // [n, D] in the input dtype when the logits GEMMs run natively in it, else undefined
+  at::Tensor low_hidden;  // [n, D] bf16, contiguous, when the GEMMs run natively in bf16 (native_bf16), else undefined
 };
 
-// Whether the logits GEMMs h·Wᵀ of `dtype` inputs run natively in it: bf16 on a CPU with AVX-512 BF16 or AMX
-// (oneDNN: bf16 products accumulated in float32, the result rounded to bf16 once — exactly the logits eager bf16
-// computes), when FASTPREF_CPU_NATIVE_BF16=1 (opt-in). Otherwise (and for fp16, fp32, fp64) tiles are upcast to the
-// accumulation type. The dH, dW and Σ p·W GEMMs always run in the accumulation type.
-bool native_low_precision_logits(at::ScalarType dtype);
+// Whether the GEMMs of `dtype` inputs run natively in bf16 (bf16_gemm_cpu.h: bf16 products accumulated and
+// returned in float32, no bf16 rounding of the logits): bf16 inputs on a CPU with AVX-512 BF16, unless
+// FASTPREF_CPU_UPCAST_BF16=1 forces the upcast path. Then the logits GEMM reads the bf16 rows and weight as they
+// are, and the float32 tiles fed to the other GEMMs (the softmax-gradient tile of dH and dW, the frozen head's
+// weights of Σ p·W) are split into two bf16 parts, high + low (about 16 bits; one bf16 rounding, as eager's
+// gradient gets, missed the 2×eager rule on cancelling sums), the target entry of the Σ p·W weights added apart
+// (see accumulate_products). Otherwise (fp16, fp32, fp64, bf16 on other CPUs) the tiles are upcast to the
+// accumulation type and the GEMMs are MKL's.
+bool native_bf16(at::ScalarType dtype);
 
-// Per-thread scratch for native logits GEMMs (undefined when they do not run natively).
-inline at::Tensor low_precision_tile(const GatheredRows& rows, int64_t elems) {
-  return rows.low_hidden.defined() ? at::empty({elems}, rows.low_hidden.options()) : at::Tensor();
-}
+// Per-thread scratch of the native bf16 GEMMs: a packed B operand and the two bf16 parts of an A operand
+// (undefined when the GEMMs do not run natively).
+struct LowScratch {
+  at::Tensor packed, operand;
+};
+LowScratch low_scratch(const GatheredRows& rows, int64_t tile_rows, int64_t tile_vocab, int64_t dim);
 
-// logits [rn, vn] (accumulation type) = gathered rows r0.. · (weight rows v0..)ᵀ: natively in the input dtype
-// into low_tile and then upcast when rows.low_hidden is defined, else from the upcast block w_block.
-inline void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const at::Tensor& weight,
-                        int64_t v0, const at::Tensor& w_block, at::Tensor& low_tile) {
-  const int64_t rn = logits.size(0), vn = logits.size(1);
-  if (!rows.low_hidden.defined()) {
-    at::mm_out(logits, rows.hidden.narrow(0, r0, rn), w_block.t());
-    return;
-  }
-  at::Tensor low = low_tile.narrow(0, 0, rn * vn).view({rn, vn});
-  at::mm_out(low, rows.low_hidden.narrow(0, r0, rn), weight.narrow(0, v0, vn).t());
-  logits.copy_(low);
-}
+// logits [rn, vn] (accumulation type) = gathered rows r0.. · (weight rows v0..)ᵀ: natively from the bf16 rows
+// and weight when rows.low_hidden is defined, else from the upcast block w_block.
+void logits_gemm(at::Tensor& logits, const GatheredRows& rows, int64_t r0, const at::Tensor& weight, int64_t v0,
+                 const at::Tensor& w_block, LowScratch& low);
+
+// product [rn, D] (float) = tile [rn, kn] (float, row stride ld) · weight rows v0.. [kn, D], natively: the tile
+// split into bf16 high and low parts, the bf16 weight packed.
+void tile_times_weight_bf16(const float* tile, int64_t rn, int64_t kn, int64_t ld, const at::Tensor& weight,
+                            int64_t v0, at::Tensor& product, LowScratch& low);
+
+// product [vn, D] (float) = tileᵀ · rows: tile [rn, vn] (float, row stride vn) split in two bf16 parts, packed_rows the
+// bf16 rows [rn, D] packed (pack_hidden_rows).
+void tile_t_times_rows_bf16(const float* tile, int64_t rn, int64_t vn, const at::Tensor& packed_rows,
+                            at::Tensor& product, LowScratch& low);
+
+// The bf16 gathered rows [r0, r0 + rn) packed as the B operand of tile_t_times_rows_bf16.
+at::Tensor pack_hidden_rows(const GatheredRows& rows, int64_t r0, int64_t rn);
 
 // Rows [start, start + count) of the contiguous weight in the accumulation type: a view when no upcast is
 // needed, else a copy into `buffer`.

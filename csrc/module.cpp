@@ -3,6 +3,8 @@
 // as soon as this module is imported.
 #include <torch/extension.h>
 
+#include "bf16_gemm_cpu.h"
+
 #ifndef FASTPREF_TORCH_VERSION
 #define FASTPREF_TORCH_VERSION "unknown"
 #endif
@@ -16,4 +18,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_openmp") = false;
 #endif
+  // Process-wide count of native bf16 GEMMs (bf16_gemm_cpu.h): tests check that bf16 runs natively where the CPU
+  // supports it instead of silently upcasting.
+  m.def("bf16_gemm_calls", &fastpref::cpu::bf16::gemm_calls);
+  m.def("bf16_gemm_supported", &fastpref::cpu::bf16::supported);
 }

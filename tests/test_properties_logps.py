@@ -306,6 +306,10 @@ FOUND_CASES = [
     ("linear", "cpp", _case(vocab=5, dim=2, magnitude=300.0, layout=("packed", 11, 6))),
     ("logits", "cpp", _case(vocab=127, magnitude=300.0, offset=500.0, seed=1, layout=("packed", 6, 3))),
     ("linear", "cpp", _case(vocab=2, dim=33, softcap=1e4, temperature=0.1, layout=("padded", 1, 8))),
+    # bf16 with V = 5, D = 64: bf16-rounded logits (the earlier native bf16 GEMM) missed the rule here; the native
+    # GEMMs now return float32 logits
+    ("linear", "cpp", _case(dtype="bf16", vocab=5, dim=64, magnitude=3.0, layout=("packed", 9, 4))),
+    ("linear", "cpp", _case(dtype="bf16", vocab=5, dim=64, softcap=2.0, bias=True, grads="sparse", seed=3)),
     ("linear", "triton", _case(layout=("packed", 0, 0))),
     ("linear", "triton", _case(vocab=31, dim=1, magnitude=300.0, temperature=5.0, layout=("packed", 3))),
     ("logits", "triton", _case(vocab=127, magnitude=300.0, temperature=0.7, seed=1, layout=("packed", 8))),
