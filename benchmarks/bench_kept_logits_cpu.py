@@ -195,7 +195,7 @@ def main(argv=None):
     load_before, records = _uptime(), []
     for shape in (tuple(int(x) for x in s.split("x")) for s in args.shapes):
         for dtype_name in args.dtypes:
-            new = measure(shape, getattr(torch, dtype_name), args.repeats, BUDGETS_MIB[shape[2]], args.aten)
+            new = measure(shape, getattr(torch, dtype_name), args.repeats, BUDGETS_MIB.get(shape[2], (64,)), args.aten)
             records += new
             for r in new:
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

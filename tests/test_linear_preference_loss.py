@@ -41,20 +41,27 @@ def _budget(pairs_per_chunk: int) -> int:
     return pairs_per_chunk * 20 * VOCAB * 4  # the longest pair has 20 rows
 
 
+def _token_weights(labels, seed):
+    return 0.5 + torch.rand(labels.shape, generator=torch.Generator().manual_seed(seed))
+
+
 def _reference(hidden, weight, bias, labels, cu, refs, dtype, head, loss):
     """(loss, losses, chosen logps, dH, dW, db) of the oracles, evaluated in `dtype` from leaves cast to it."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     h, w, *rest = leaves
     if dtype == torch.float64:
-        out = logps_oracle.linear_logps(h, w, labels, bias=rest[0] if rest else None, cu_seqlens=cu, **head)
+        out = logps_oracle.linear_logps(h, w, labels, bias=rest[0] if rest else None, cu_seqlens=cu,
+                                        **head)
         logps, counts = out.logps, out.counts
     else:  # plain eager in the inputs' dtype: full logits, log_softmax, gather
         z = h @ w.T + (rest[0] if rest else 0)
-        if head.get("softcap"):
+        if head.get("softcap") is not None:
             z = head["softcap"] * torch.tanh(z / head["softcap"])
         z = z / head.get("temperature", 1.0)
         scored = labels != -100
         token = torch.log_softmax(z, -1).gather(1, labels.clamp(min=0)[:, None]).squeeze(1) * scored
+        if head.get("token_weights") is not None:
+            token = token * head["token_weights"].to(dtype)
         seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff())
         logps = torch.zeros(len(cu) - 1, dtype=dtype).index_add(0, seq, token)
         counts = torch.zeros(len(cu) - 1, dtype=torch.int64).index_add(0, seq, scored.long())
@@ -85,8 +92,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype,head,loss,bias", CASES)
-def test_kept_within_twice_eager_error(dtype, head, loss, bias):
-    hidden, weight, b, labels, cu, refs = _case(dtype, seed=hash(str(loss)) % 1000, bias=bias)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_kept_within_twice_eager_error(dtype, head, loss, bias, weighted):
+    hidden, weight, b, labels, cu, refs = _case(dtype, seed=len(str(loss)) + 7 * weighted, bias=bias)
+    if weighted:  # LD-DPO style per-row weights
+        head = dict(head, token_weights=_token_weights(labels, 4))
     fast = _kept(hidden, weight, b, labels, cu, refs, head, loss, _budget(2), scale=-0.37)
     truth = _reference(hidden, weight, b, labels, cu, refs, torch.float64, head, loss)
     eager = _reference(hidden, weight, b, labels, cu, refs, dtype, head, loss)
@@ -106,7 +116,7 @@ def test_kept_equals_composed(budget_pairs):
     out.loss.backward()
     for name, k, c in zip(("loss", "losses", "chosen_logps", "dH", "dW", "db"), kept,
                           (out.loss, out.losses, out.chosen_logps, *(t.grad for t in leaves))):
-        torch.testing.assert_close(k, c, rtol=2e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(k.double(), c.double(), rtol=2e-5, atol=1e-6, msg=name)
 
 
 def test_kept_bits_independent_of_threads():
@@ -134,8 +144,8 @@ def test_kept_traces_fullgraph():
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves).backward()
     eager = _kept(hidden, weight, None, labels, cu, refs, {}, {}, _budget(2))
-    torch.testing.assert_close(leaves[0].grad, eager[3])
-    torch.testing.assert_close(leaves[1].grad, eager[4])
+    torch.testing.assert_close(leaves[0].grad.double(), eager[3])
+    torch.testing.assert_close(leaves[1].grad.double(), eager[4])
 
 
 def test_auto_rule_follows_chunk_rows():
