@@ -4,7 +4,8 @@ fastpref.linear_preference_loss(path="kept"), csrc/kept_logits_cpu.cpp) against 
 
 fwd+bwd of a sigmoid DPO loss over B pairs (chosen sequences first) with reference log-probs, hidden and weight
 both trainable. Timed interleaved in one run (impl order rotates every repeat; best and median of R, and the median
-over repeats of each impl's time over cpp's in the same repeat, the steadiest figure on a shared machine):
+over repeats of each impl's time over cpp's in the same repeat; also the same for process CPU time, which other
+jobs' load disturbs least — with OMP_NUM_THREADS=1 it is the single thread's work):
 
 - cpp:        linear_preference_loss(path="composed", backend="cpp"), then loss.backward()
 - kept@M:     linear_preference_loss(path="kept", memory_budget=M MiB), then loss.backward(); chunk rows recorded
@@ -15,7 +16,7 @@ over repeats of each impl's time over cpp's in the same repeat, the steadiest fi
 Before timing, kept3's log-probs and gradients are checked against the cpp path in float64 at a small odd shape.
 Results: benchmarks/results/kept_logits_cpu.json + .png (uptime load before and after recorded).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_kept_logits_cpu.py --repeats 3 --dtypes float32 bfloat16
+    OMP_NUM_THREADS=1 python benchmarks/bench_kept_logits_cpu.py --repeats 3 --dtypes float32 bfloat16
 """
 
 from __future__ import annotations
@@ -155,12 +156,14 @@ def measure(shape, dtype, repeats, budgets, aten):
         fn()  # warm-up
     clock.update(gemm=0.0, elementwise=0.0)
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for rep in range(repeats):
         order = list(steps)[rep % len(steps):] + list(steps)[:rep % len(steps)]
         for name in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             steps[name]()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     case = f"N{rows} D{dim} V{vocab} {str(dtype)[6:]}"
     records = []
     for name, secs in times.items():
@@ -174,12 +177,16 @@ def measure(shape, dtype, repeats, budgets, aten):
             rec.update(chunk_rows=min(rows, _chunk_rows(seq_rows, vocab, budgets[-1] << 20, 4)),
                        gemm_ms_mean=1e3 * clock["gemm"] / repeats, elementwise_ms_mean=1e3 * clock["elementwise"] / repeats)
         rec["times_ms"] = [round(1e3 * t, 2) for t in secs]
+        rec["cpu_times_ms"] = [round(1e3 * t, 2) for t in cpu_times[name]]
         records.append(rec)
     cpp = next(r for r in records if r["impl"] == "cpp")
     for r, secs in zip(records, times.values()):
         r["best_over_cpp"], r["median_over_cpp"] = r["best_ms"] / cpp["best_ms"], r["median_ms"] / cpp["median_ms"]
         # same-repeat ratio (the two ran back to back): steadier than best/median on a shared machine
         r["paired_median_over_cpp"] = statistics.median(t / c for t, c in zip(secs, times["cpp"]))
+        # process CPU seconds (all threads): the work done, least disturbed by other jobs' load
+        r["cpu_paired_median_over_cpp"] = statistics.median(
+            t / c for t, c in zip(cpu_times[r["impl"]], cpu_times["cpp"]))
     return records
 
 

@@ -9,7 +9,8 @@ import torch
 from fastpref import _ext
 from fastpref.logps import oracle as logps_oracle
 from fastpref.losses import oracle as loss_oracle
-from fastpref.losses.linear_loss import KEPT_MIN_CHUNK_ROWS, chunk_rows, kept_path_wins, linear_preference_loss
+from fastpref.losses.linear_loss import (KEPT_MAX_VOCAB, KEPT_MIN_CHUNK_ROWS, chunk_rows, kept_path_wins,
+                                         linear_preference_loss)
 from logps_checks import assert_within_eager
 
 pytestmark = pytest.mark.skipif(_ext.extension() is None, reason="needs the cpp extension")
@@ -144,19 +145,21 @@ def test_kept_traces_fullgraph():
     leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
     torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves).backward()
     eager = _kept(hidden, weight, None, labels, cu, refs, {}, {}, _budget(2))
-    torch.testing.assert_close(leaves[0].grad.double(), eager[3])
-    torch.testing.assert_close(leaves[1].grad.double(), eager[4])
+    for got, want in zip((leaves[0].grad.double(), leaves[1].grad.double()), eager[3:5]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # aot_eager runs the same kernels
 
 
 def test_auto_rule_follows_chunk_rows():
     budget = 64 << 20
     assert chunk_rows(64, 151936, budget) == 64 and chunk_rows(256, 32000, budget) == 512
-    assert kept_path_wins(2048, 8, 32000, budget)  # 4 pairs of 256 rows per chunk
+    assert kept_path_wins(2048, 8, 32000, budget)  # 2 pairs of 256 rows per chunk
     assert not kept_path_wins(512, 8, 151936, budget)  # one 64-row pair per chunk
-    assert not kept_path_wins(10_000, 1, 151936, budget)  # not even one pair fits
+    assert not kept_path_wins(512, 8, 151936, 256 << 20)  # 384 rows per chunk, but V = 151936
+    assert not kept_path_wins(10_000, 1, 32000, budget)  # not even one pair fits
     pair_rows = KEPT_MIN_CHUNK_ROWS // 2
-    assert kept_path_wins(pair_rows * 8, 8, 1000, 2 * pair_rows * 1000 * 4)
-    assert not kept_path_wins(pair_rows * 8, 8, 1000, 2 * pair_rows * 1000 * 4 - 1)
+    assert kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB, 2 * pair_rows * KEPT_MAX_VOCAB * 4)
+    assert not kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB, 2 * pair_rows * KEPT_MAX_VOCAB * 4 - 1)
+    assert not kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB + 1, 1 << 40)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -177,3 +180,18 @@ def test_odd_sequence_count_raises():
     hidden, weight, _, labels, cu, refs = _case(torch.float32, seed=1)
     with pytest.raises(ValueError, match="cu_seqlens"):
         linear_preference_loss(hidden[:int(cu[-2])], weight, labels[:int(cu[-2])], cu_seqlens=cu[:-1])
+
+
+def test_padded_input_and_no_grad_match_composed():
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(6, 5, DIM, generator=gen)  # [2B, T, D]: 3 pairs
+    weight = torch.randn(VOCAB, DIM, generator=gen) * 0.6
+    labels = torch.randint(0, VOCAB, (6, 5), generator=gen)
+    labels[:, :2] = -100
+    labels[4] = -100  # an all-ignored rejected response
+    kwargs = dict(loss_type="simpo", beta=2.0, memory_budget=2 * 10 * VOCAB * 4)
+    with torch.no_grad():
+        kept = linear_preference_loss(hidden, weight, labels, path="kept", **kwargs)
+    composed = linear_preference_loss(hidden, weight, labels, path="composed", backend="cpp", **kwargs)
+    for k, c in zip(kept, composed):
+        torch.testing.assert_close(k, c, rtol=2e-6, atol=1e-6)

@@ -9,8 +9,8 @@ gradient of ``loss`` with respect to hidden, weight and bias. Two paths give the
   backend. The trainable head's backward recomputes the logits: 4 GEMM-equivalents (h·Wᵀ twice, dH, dW).
 - **kept** (``path="kept"``, CPU, cpp extension): for a pair-local loss (ℓ_i depends on pair i only) the upstream
   gradient of each sequence's log-prob, ∂loss/∂logps_s = (1/B)·∂ℓ_i/∂logps_s, is known as soon as pair i's log-probs
-  are. So the forward walks chunks of whole pairs, each chunk's logits kept in one tile (rows × V float32, at most
-  ``memory_budget`` bytes): logits and log-probs (``kept_logits_fwd``), the chunk's pair losses and their
+  are. So the forward walks chunks of whole pairs, each chunk's logits kept in one tile (rows × V float32; float64
+  for float64 inputs; at most ``memory_budget`` bytes): logits and log-probs (``kept_logits_fwd``), the chunk's pair losses and their
   derivatives (the cpp loss kernels), then in place G = g·(onehot − softmax), dH = G·W, dW += Gᵀ·H
   (``kept_logits_bwd``, csrc/kept_logits_cpu.cpp): 3 GEMM-equivalents, no recompute. The gradients are saved and
   the autograd backward only scales them by the upstream gradient of ``loss`` (as Liger's fused-linear losses do).
@@ -36,9 +36,10 @@ from fastpref.losses.fused import fused_problem
 from fastpref.losses.inputs import LossArguments, check_preference_loss_args
 
 PATHS = ("auto", "kept", "composed")
-DEFAULT_MEMORY_BUDGET = 256 << 20
-# The kept path won in benchmarks/bench_kept_logits_cpu.py from this many rows per chunk (see kept_path_wins).
+DEFAULT_MEMORY_BUDGET = 64 << 20  # issue 11: at most 64 MiB of extra memory for the head
+# Where benchmarks/bench_kept_logits_cpu.py measured the kept path at least 15% faster (see kept_path_wins).
 KEPT_MIN_CHUNK_ROWS = 256
+KEPT_MAX_VOCAB = 32768
 
 
 class LinearPreferenceOutput(NamedTuple):
@@ -61,11 +62,13 @@ def chunk_rows(pair_rows: int, vocab: int, memory_budget: int) -> int:
 
 
 def kept_path_wins(rows: int, pairs: int, vocab: int, memory_budget: int) -> bool:
-    """The automatic rule: the kept path when a chunk (at the mean pair length) holds at least KEPT_MIN_CHUNK_ROWS
-    rows. Each chunk rereads W and reads-writes dW (V·D elements) for chunk·V·D multiply-adds per GEMM, so short
-    chunks are bound by memory traffic, long ones save the fourth GEMM outright."""
+    """The automatic rule, read off the measurements (docs/design.md): the kept path when V <= KEPT_MAX_VOCAB and a
+    chunk (at the mean pair length) holds at least KEPT_MIN_CHUNK_ROWS rows. Each chunk rereads W and reads-writes
+    dW (V·D elements), and its tile of rows × V logits streams through memory instead of staying in cache; short
+    chunks and large vocabularies lose the saved GEMM to that traffic (at V = 151936 even 384-row chunks fell
+    short of 15%), long chunks at a 32k vocabulary save it outright."""
     pair_rows = -(-rows // max(pairs, 1))
-    return chunk_rows(pair_rows, vocab, memory_budget) >= KEPT_MIN_CHUNK_ROWS
+    return vocab <= KEPT_MAX_VOCAB and chunk_rows(pair_rows, vocab, memory_budget) >= KEPT_MIN_CHUNK_ROWS
 
 
 def _loss_arguments(chosen, rejected, settings: dict, counts=(None, None)) -> LossArguments:
@@ -76,15 +79,14 @@ def _select(slice_: slice, value):
     return None if value is None else value[slice_]
 
 
-def _pair_chunks(cu: list[int], pairs: int, vocab: int, memory_budget: int) -> list[tuple[int, int]]:
-    """Greedy chunks [p0, p1) of whole pairs whose rows × V float32 logits fit the budget."""
-    limit = memory_budget // (4 * vocab)
+def _pair_chunks(cu: list[int], pairs: int, limit: int, vocab: int, memory_budget: int) -> list[tuple[int, int]]:
+    """Greedy chunks [p0, p1) of whole pairs of at most `limit` rows (the rows whose logits fit the budget)."""
     chunks, start, rows = [], 0, 0
     for p in range(pairs):
         pair = cu[p + 1] - cu[p] + cu[pairs + p + 1] - cu[pairs + p]
         if pair > limit:
             raise ValueError(f"memory_budget={memory_budget} bytes cannot hold the logits of pair {p} ({pair} rows x "
-                             f"V={vocab} float32): raise memory_budget or use path='composed'")
+                             f"V={vocab}): raise memory_budget or use path='composed'")
         if rows + pair > limit:
             chunks.append((start, p))
             start, rows = p, 0
@@ -96,10 +98,9 @@ def _pair_chunks(cu: list[int], pairs: int, vocab: int, memory_budget: int) -> l
 class _KeptRun:
     """One kept-path evaluation: the chunk loop and its running gradients."""
 
-    def __init__(self, rows, weight, bias, labels, token_weights, settings, need_grads):
+    def __init__(self, rows, weight, bias, labels, token_weights, head, need_grads):
         self.rows, self.weight, self.bias, self.labels, self.token_weights = rows, weight, bias, labels, token_weights
-        self.head = settings  # (ignore_index, temperature, softcap)
-        self.need_grads = need_grads
+        self.head = head  # (ignore_index, temperature, softcap)
         acc = output_dtype(rows.dtype)
         self.acc = acc
         self.dhidden = torch.zeros_like(rows, dtype=acc) if need_grads else rows.new_empty(0)
@@ -154,11 +155,13 @@ def _chunk_loss(kernels, chosen, rejected, counts, settings, p0, p1, pairs, need
 def _kept_forward(rows, weight, bias, labels, cu_seqlens, token_weights, head, settings, memory_budget, need_grads):
     cu = cu_seqlens.tolist()
     pairs = (len(cu) - 1) // 2
+    weight = weight.contiguous()  # once, not per chunk
     vocab = weight.shape[0]
     run = _KeptRun(rows, weight, bias, labels, token_weights, head, need_grads)
     kernels = load_kernels("losses", "cpp")
-    chunks = _pair_chunks(cu, pairs, vocab, memory_budget)
-    tile = torch.empty(min(memory_budget // (4 * vocab), rows.shape[0]) * vocab, dtype=run.acc)
+    limit = memory_budget // (run.acc.itemsize * vocab)  # rows of logits in the budget
+    chunks = _pair_chunks(cu, pairs, limit, vocab, memory_budget)
+    tile = torch.empty(min(limit, rows.shape[0]) * vocab, dtype=run.acc)
     results = []
     for p0, p1 in chunks:
         index, lengths = run.gather(cu, pairs, p0, p1)
