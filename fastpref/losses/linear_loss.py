@@ -10,9 +10,9 @@ gradient of ``loss`` with respect to hidden, weight and bias. Two paths give the
 - **kept** (``path="kept"``, CPU, cpp extension): for a pair-local loss (ℓ_i depends on pair i only) the upstream
   gradient of each sequence's log-prob, ∂loss/∂logps_s = (1/B)·∂ℓ_i/∂logps_s, is known as soon as pair i's log-probs
   are. So the forward walks chunks of whole pairs, each chunk's logits kept in one tile (rows × V float32; float64
-  for float64 inputs; at most ``memory_budget`` bytes): logits and log-probs (``kept_logits_fwd``), the chunk's pair losses and their
-  derivatives (the cpp loss kernels), then in place G = g·(onehot − softmax), dH = G·W, dW += Gᵀ·H
-  (``kept_logits_bwd``, csrc/kept_logits_cpu.cpp): 3 GEMM-equivalents, no recompute. The gradients are saved and
+  for float64 inputs; at most ``memory_budget`` bytes): logits and log-probs (``kept_logits_fwd``), the chunk's
+  pair losses and their derivatives (the cpp loss kernels), then in place G = g·(onehot − softmax), dH = G·W,
+  dW += Gᵀ·H (``kept_logits_bwd``, csrc/kept_logits_cpu.cpp): 3 GEMM-equivalents, no recompute. The gradients are saved and
   the autograd backward only scales them by the upstream gradient of ``loss`` (as Liger's fused-linear losses do).
   Only ``loss`` carries a gradient on this path; the reference log-probs, τ, offsets and weights are constants.
 
