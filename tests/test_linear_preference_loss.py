@@ -195,3 +195,11 @@ def test_padded_input_and_no_grad_match_composed():
     composed = linear_preference_loss(hidden, weight, labels, path="composed", backend="cpp", **kwargs)
     for k, c in zip(kept, composed):
         torch.testing.assert_close(k, c, rtol=2e-6, atol=1e-6)
+
+
+def test_opcheck_kept_op():
+    hidden, weight, _, labels, cu, refs = _case(torch.float32, seed=2)
+    op = torch.ops.fastpref.kept_preference_loss
+    args = (hidden.requires_grad_(), weight.requires_grad_(), None, labels, cu, None, refs[0], refs[1], None, None,
+            None, "sigmoid", [], [0.1, 0.0, 0.5, 0.05, 0.5], "reverse_kl", -100, 1.0, 0.0, _budget(2), True)
+    torch.library.opcheck(op, args)
