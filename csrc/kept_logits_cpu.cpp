@@ -19,6 +19,9 @@
 // the partials summed in group order. The weight is upcast one block at a time (fp16/bf16) into per-thread scratch.
 // Only active rows (label ≠ ignore_index) are gathered and cost vocabulary work; ignored rows get log p 0, dH 0.
 //
+// Callers. fastpref/losses/linear_loss.py calls both inside its custom op fastpref::kept_preference_loss, which
+// carries the fake kernel and the autograd formula; these two are never traced, so they have no fake kernel.
+//
 // Determinism. Blocks and groups depend only on (V, D); each output element is written by one item in a fixed
 // order; each item's GEMMs run on one thread. So the bits do not depend on the thread count.
 #include <ATen/ATen.h>
