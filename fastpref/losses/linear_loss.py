@@ -79,20 +79,27 @@ def _select(slice_: slice, value):
     return None if value is None else value[slice_]
 
 
-def _pair_chunks(cu: list[int], pairs: int, limit: int, vocab: int, memory_budget: int) -> list[tuple[int, int]]:
-    """Greedy chunks [p0, p1) of whole pairs of at most `limit` rows (the rows whose logits fit the budget)."""
+def _greedy_chunks(pair_rows: list[int], limit: int) -> list[tuple[int, int]]:
     chunks, start, rows = [], 0, 0
-    for p in range(pairs):
-        pair = cu[p + 1] - cu[p] + cu[pairs + p + 1] - cu[pairs + p]
-        if pair > limit:
-            raise ValueError(f"memory_budget={memory_budget} bytes cannot hold the logits of pair {p} ({pair} rows x "
-                             f"V={vocab}): raise memory_budget or use path='composed'")
+    for p, pair in enumerate(pair_rows):
         if rows + pair > limit:
             chunks.append((start, p))
             start, rows = p, 0
         rows += pair
-    chunks.append((start, pairs))
-    return chunks
+    return chunks + [(start, len(pair_rows))]
+
+
+def _pair_chunks(cu: list[int], pairs: int, limit: int, vocab: int, memory_budget: int) -> list[tuple[int, int]]:
+    """Chunks [p0, p1) of whole pairs of at most `limit` rows (the rows whose logits fit the budget): as few as
+    greedy filling gives, with their rows evened out (no short last chunk, whose GEMMs would be narrow)."""
+    pair_rows = [cu[p + 1] - cu[p] + cu[pairs + p + 1] - cu[pairs + p] for p in range(pairs)]
+    for p, pair in enumerate(pair_rows):
+        if pair > limit:
+            raise ValueError(f"memory_budget={memory_budget} bytes cannot hold the logits of pair {p} ({pair} rows x "
+                             f"V={vocab}): raise memory_budget or use path='composed'")
+    greedy = _greedy_chunks(pair_rows, limit)
+    even = _greedy_chunks(pair_rows, max([-(-sum(pair_rows) // len(greedy)), *pair_rows]))
+    return even if len(even) == len(greedy) else greedy
 
 
 class _KeptRun:
