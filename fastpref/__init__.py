@@ -1,7 +1,8 @@
 """fastpref: fused kernels and a thin trainer for DPO-family preference optimization.
 
 Public ops: :func:`linear_logps`, :func:`logits_logps` (per-sequence log-probs), :func:`preference_loss`
-(the DPO loss family), :func:`listwise_loss` (K ranked responses), :func:`backends` (which implementations exist here). Float64 oracles of each op live in
+(the DPO loss family), :func:`linear_preference_loss` (hidden states to the loss; 3 GEMMs with a trainable head where
+it pays), :func:`listwise_loss` (K ranked responses), :func:`backends` (which implementations exist here). Float64 oracles of each op live in
 :mod:`fastpref.logps.oracle` and :mod:`fastpref.losses.oracle`. The trainer (:class:`PreferenceConfig`, :class:`PreferenceTrainer`) needs the
 ``train`` extra and is imported on first use.
 """
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "preference_loss": ("fastpref.losses", "preference_loss"),
     "PreferenceLossOutput": ("fastpref.losses", "PreferenceLossOutput"),
+    "linear_preference_loss": ("fastpref.losses", "linear_preference_loss"),
+    "LinearPreferenceOutput": ("fastpref.losses", "LinearPreferenceOutput"),
     "listwise_loss": ("fastpref.losses", "listwise_loss"),
     "ListwiseLossOutput": ("fastpref.losses", "ListwiseLossOutput"),
     "PreferenceConfig": ("fastpref.trainer", "PreferenceConfig"),
