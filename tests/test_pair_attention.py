@@ -100,6 +100,22 @@ def test_other_masks_eager_and_one_pair_run_dense(sdpa_queries):
         assert "sdpa" not in ALL_ATTENTION_FUNCTIONS._local_mapping
 
 
+def test_gradient_checkpointing_in_train_mode_runs_dense(sdpa_queries):
+    """The checkpointed recomputation runs in the backward, outside the block: pair by pair there would save
+    other tensors than the forward did (torch's CheckpointError), so such forwards stay dense."""
+    model = tiny_model("tiny-llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    tree = build_tree_batch(*_pairs(6)[:3])
+    out = tree_logps(model, tree, backend=BACKEND)
+    (out.chosen_logps.sum() - out.rejected_logps.sum()).backward()
+    assert set(sdpa_queries) == {tree.length}
+    sdpa_queries.clear()
+    with torch.no_grad():
+        tree_logps(model, tree, backend=BACKEND)  # no gradient, no recomputation: pair by pair
+    assert sdpa_queries == list(tree.pair_lengths) * model.config.num_hidden_layers
+
+
 def test_registry_is_restored_after_an_error():
     model = tiny_model("tiny-llama")
     tree = build_tree_batch(*_pairs(4)[:3])

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from fastpref.model.attention import attention_implementation
+from fastpref.model.prefix_kv import _is_checkpointing
 
 
 def _pair_masks(attention_mask: torch.Tensor, lengths: Sequence[int], prefix_length: int) -> list[torch.Tensor]:
@@ -56,16 +57,19 @@ def pairwise_sdpa(model: torch.nn.Module, attention_mask, pair_lengths: Sequence
         prefix_length: cached prefix columns every row sees.
 
     A no-op unless the model's attention is transformers' own sdpa (not a registered replacement), the stream
-    holds at least two pairs and the mask is a tensor of the expected shape. The registry is restored on exit.
+    holds at least two pairs and the mask is a tensor of the expected shape; and under gradient checkpointing
+    with grad enabled, whose recomputation in the backward runs after this block (dense there, so the saved
+    tensors would not match). The registry is restored on exit.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     lengths = [int(n) for n in pair_lengths]
     total = sum(lengths)
-    if (attention_implementation(model) != "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
-            or len(lengths) < 2 or not isinstance(attention_mask, torch.Tensor)
-            or tuple(attention_mask.shape[-2:]) != (total, prefix_length + total)):
+    if (len(lengths) < 2 or not isinstance(attention_mask, torch.Tensor)
+            or tuple(attention_mask.shape[-2:]) != (total, prefix_length + total)
+            or attention_implementation(model) != "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+            or (torch.is_grad_enabled() and _is_checkpointing(model))):
         yield
         return
     masks = _pair_masks(attention_mask, lengths, prefix_length)
