@@ -68,7 +68,8 @@ def pairwise_sdpa(model: torch.nn.Module, attention_mask, pair_lengths: Sequence
     total = sum(lengths)
     if (len(lengths) < 2 or not isinstance(attention_mask, torch.Tensor)
             or tuple(attention_mask.shape[-2:]) != (total, prefix_length + total)
-            or attention_implementation(model) != "sdpa" or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
+            or attention_implementation(model) != "sdpa"
+            or ALL_ATTENTION_FUNCTIONS["sdpa"] is not sdpa_attention_forward
             or (torch.is_grad_enabled() and _is_checkpointing(model))):
         yield
         return

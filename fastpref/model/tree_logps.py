@@ -1,9 +1,9 @@
 """Per-sequence chosen/rejected log-probs of a tree-packed stream, optionally after a cached shared prefix.
 
 One forward of the causal LM over the tree stream (:mod:`fastpref.model.tree_stream`) with its 4D mask and explicit
-position_ids (sdpa runs pair by pair: :mod:`fastpref.model.pair_attention`); the model's ``lm_head`` is replaced for the call by :func:`fastpref.linear_logps` over the gathered
-rows ``tree.row_index`` (the prompt's last row twice), so no [rows, vocab] logits exist and no transformer work
-is repeated:
+position_ids (sdpa attention pair by pair, :mod:`fastpref.model.pair_attention`); the model's ``lm_head`` is
+replaced for the call by :func:`fastpref.linear_logps` over the gathered rows ``tree.row_index`` (the prompt's
+last row twice), so no [rows, vocab] logits exist and no transformer work is repeated:
 
     chosen_logps[i]   = Σ_j log p(y_w,i[j] | x_i, y_w,i[<j])
     rejected_logps[i] = Σ_j log p(y_l,i[j] | x_i, y_l,i[<j])

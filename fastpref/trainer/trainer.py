@@ -186,7 +186,8 @@ class PreferenceTrainer(Trainer):
         with skip_value_checks(), contextlib.nullcontext() if cached is None else frozen_forward(model):
             attention_mask, cache = self._attention_inputs(model, batch, prefix, cached)
             pairs = batch.get(f"{prefix}tree_pair_lengths", ()) if self.stream_layout == "tree" else ()
-            with pairwise_sdpa(unwrap_causal_lm(model), attention_mask, pairs, batch.get(f"{prefix}tree_position_offset", 0)):
+            offset = batch.get(f"{prefix}tree_position_offset", 0)
+            with pairwise_sdpa(unwrap_causal_lm(model), attention_mask, pairs, offset):
                 out = stream_logps(model, batch[f"{prefix}input_ids"], rows_from_batch(batch, prefix),
                                    attention_mask=attention_mask, past_key_values=cache, **kwargs)
         if cached is None:
