@@ -6,9 +6,13 @@ The step code is bench_step_gpu.py's (its run_configuration: the same pairs, ini
 methods are interleaved: R rounds, each running every method's warm-up + timed steps in turn (the order rotating
 per round), so a slow spell of the shared machine hits all of them. Each record: the median over rounds of each
 round's median step time, the per-round medians, tokens/s, and the ratio to TRL DPO of the same configuration
-(and to fastpref DPO). Results: benchmarks/results/step_cpu.json + .png.
+(and to fastpref DPO). F (the floor's forward) and the tree-vs-separate agreement are measured in the first round
+only (the merged record keeps the first round's). Results:
+benchmarks/results/step_cpu.json + .png, both rewritten after every configuration, so a run stopped from outside
+keeps what it measured. ``--budget`` seconds: no round is started that the longest round so far would carry past
+it (the first always runs), so the run ends inside run_cpu.sh's cap.
 
-    python benchmarks/bench_step_cpu.py                            # ≈ minutes on 2 cores
+    python benchmarks/bench_step_cpu.py                            # ≈ 2 minutes on 2 quiet cores
     python benchmarks/bench_step_cpu.py --modes lora --rounds 1
 """
 
@@ -18,6 +22,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(step_bench.DPO_FLOOR))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(step_bench.METHODS))
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (every method once per round)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds: start no round that would end past this (default: every round)")
     parser.add_argument("--pairs", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=4, help="pairs per forward/backward")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
@@ -60,6 +67,7 @@ def parse_args(argv=None):
     args.model = "tiny-llama"
     args.model_overrides = dict(MODEL, hidden_size=mine.hidden, intermediate_size=mine.hidden * 688 // 256)
     args.rounds, args.vocab, args.no_plot, args.results_name = mine.rounds, mine.vocab, mine.no_plot, RESULTS_NAME
+    args.round_budget = mine.budget  # not args.budget: that is bench_step_gpu's GPU-check plan (None here)
     args.case = step_bench.Case("cpu", *mine.case) if mine.case else CASE
     return args
 
@@ -68,12 +76,13 @@ def _rotated(items, by):
     return items[by % len(items):] + items[:by % len(items)]
 
 
-def _round(args, mode, round_index, tokenizer, out_dir):
-    """One record per method of one mode, the methods in this round's order."""
+def _round(args, mode, round_index, tokenizer, out_dir, forward_s=None):
+    """One record per method of one mode, the methods in this round's order (F given after the first round)."""
     methods = list(args.methods)
     args.methods = _rotated(methods, round_index)
     try:
-        return step_bench.run_configuration(args, mode, args.case, tokenizer, args.vocab, out_dir)
+        return step_bench.run_configuration(args, mode, args.case, tokenizer, args.vocab, out_dir,
+                                            forward_s=forward_s)
     finally:
         args.methods = methods
 
@@ -100,24 +109,47 @@ def _merge(rounds_records):
 def main(argv=None):
     args = parse_args(argv)
     meta = dict(model=dict(args.model_overrides, vocab_size=args.vocab, family="llama"), case=vars(args.case),
-                beta=step_bench.BETA, dtype="float32", rounds=args.rounds, steps=args.steps, warmup=args.warmup,
+                beta=step_bench.BETA, dtype="float32", rounds=args.rounds, budget_s=args.round_budget,
+                steps=args.steps, warmup=args.warmup,
                 timing="median over interleaved rounds of each round's median step",
                 torch_threads=torch.get_num_threads())
     tokenizer = build_tokenizer()
     if args.vocab < len(tokenizer):
         raise ValueError(f"--vocab {args.vocab} is below the tokenizer's {len(tokenizer)} tokens")
-    by_round, path = [], None
     with tempfile.TemporaryDirectory() as out_dir:
-        for round_index in range(args.rounds):
-            for mode in args.modes:
-                by_round.append(_round(args, mode, round_index, tokenizer, out_dir))
-                path = save_results(RESULTS_NAME, _merge(by_round), meta)
+        path = _run_rounds(args, tokenizer, out_dir, meta)
     for r in json_records(path):
         print(f"{r['config']:<28} {r['method']:<22} {r['step_ms'] or float('nan'):9.1f} ms  "
               f"over TRL DPO {r['over_trl_dpo'] or float('nan'):.3f}  {r['status']}", flush=True)
+    print(path)
+    return path
+
+
+def _run_rounds(args, tokenizer, out_dir, meta):
+    """Every round that fits the budget, saved after each configuration; the path of the JSON."""
+    by_round, path, forward_s, longest, started = [], None, {}, 0.0, time.monotonic()
+    for round_index in range(args.rounds):
+        if round_index and args.round_budget is not None and time.monotonic() - started + longest > args.round_budget:
+            print(f"round {round_index + 1} of {args.rounds} not started: it would end past the "
+                  f"{args.round_budget:.0f} s budget", flush=True)
+            break
+        round_started = time.monotonic()
+        for mode in args.modes:
+            args.check_agreement = round_index == 0  # _merge keeps the first round's figures of a record
+            records = _round(args, mode, round_index, tokenizer, out_dir, forward_s.get(mode))
+            forward_s.setdefault(mode, records[0]["F_ms"] / 1e3)
+            by_round.append(records)
+            meta["rounds_done"] = round_index + 1
+            path = _save(args, _merge(by_round), meta)
+        longest = max(longest, time.monotonic() - round_started)
+    return path
+
+
+def _save(args, records, meta):
+    """The JSON and (unless --no-plot) its PNG, as they stand."""
+    path = save_results(RESULTS_NAME, records, meta)
     if not args.no_plot:
         plot_results(path, x="method", y="step_ms", group="mode", facet="config")
-    print(path)
     return path
 
 

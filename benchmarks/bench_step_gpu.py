@@ -443,7 +443,7 @@ def run_method(args, method: str, attn: str, mode: str, pairs: list[Pair], p_ids
         uses_aug = method == "fastpref_sr_dpo"
         batches = tree_micro_batches(args, policy, pairs, p_ids if uses_aug else None)
         precompute_reference(args, policy, ref, batches, p_ids if uses_aug else None)
-        if uses_aug:
+        if uses_aug and args.check_agreement:
             extra = tree_agreement(args, policy, batches, pairs, p_ids, tokenizer.pad_token_id)
         step = fastpref_step(args, policy, optimizer, batches, method, p_ids)
     step_s, peak = time_steps(args, step)
@@ -455,8 +455,10 @@ def budget_spent(args) -> bool:
 
 
 def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, out_dir: str,
-                      save: Callable[[list[dict]], None] = lambda records: None) -> list[dict]:
-    """One record per method (and attention) of this configuration; `save` gets the records after each."""
+                      save: Callable[[list[dict]], None] = lambda records: None,
+                      forward_s: float | None = None) -> list[dict]:
+    """One record per method (and attention) of this configuration; `save` gets the records after each.
+    ``forward_s``: F measured before (a repeated configuration), else measured here."""
     pairs = make_pairs(tokenizer, case, args.pairs, seed=1)
     p_ids = refinement_ids(tokenizer)
     tokens = step_tokens(pairs)
@@ -464,7 +466,7 @@ def run_configuration(args, mode: str, case: Case, tokenizer, vocab_size: int, o
                 chosen_len=case.chosen_len, rejected_len=case.rejected_len, pairs=args.pairs,
                 micro_batch=args.micro_batch, dtype=str(args.dtype).replace("torch.", ""), step_tokens=tokens,
                 config=f"{args.model}/{mode}/{case.name}")
-    f_s = forward_time(args, build_policy(args, mode, vocab_size), pairs)
+    f_s = forward_s if forward_s is not None else forward_time(args, build_policy(args, mode, vocab_size), pairs)
     free_memory()
     records = []
     runs = [(method, attn) for method in args.methods
@@ -524,6 +526,7 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
     args = parser.parse_args(argv)
     args.started = time.time()
+    args.check_agreement = True  # tree_agreement for every Sr-DPO record (bench_step_cpu.py: its first round only)
     if args.budget is not None:
         given = set(sys.argv[1:] if argv is None else argv)
         args.models = args.models if "--models" in given else ["qwen2.5-0.5b-shape"]

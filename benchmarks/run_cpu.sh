@@ -7,7 +7,8 @@
 # Parts (cap in seconds; each script saves after every measurement, so a capped part keeps what it measured):
 #   1 heads (330): bench_linear_logps_cpu.py --modes fwd fwd+bwd: every peer, frozen and trainable, fp32 and bf16
 #   2 dpo   (180): bench_fused_dpo_cpu.py: fastpref linear_logps + preference_loss vs Liger's fused DPO loss
-#   3 step  (170): bench_step_cpu.py: TRL 1.16 DPO vs fastpref DPO / Sr-DPO, LoRA and full, 3 interleaved rounds
+#   3 step  (170): bench_step_cpu.py: TRL 1.16 DPO vs fastpref DPO / Sr-DPO, LoRA and full, up to 3 interleaved
+#                  rounds, none started that would end past the cap less 20 s (--budget)
 #   4 targets:     targets_cpu.py: each target met or not, from the three JSONs (targets_cpu.json + .png)
 # Caps change with RUN_CPU_CAP_<PART>=s. Missing pinned peers (liger-kernel 0.8.5, cut-cross-entropy 25.1.1,
 # trl 1.16.0) are installed first with pip --no-deps. $PYTHON picks the interpreter (default .venv/bin/python);
@@ -18,7 +19,7 @@ SMOKE=0
 case "${1:-}" in
   --smoke) SMOKE=1 ;;
   "") ;;
-  -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
   *) echo "run_cpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
 esac
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,7 +56,8 @@ part() {  # part NAME CAP SCRIPT ARGS...
 
 part heads "${RUN_CPU_CAP_HEADS:-330}" bench_linear_logps_cpu.py --modes fwd fwd+bwd "${HEADS[@]}"
 part dpo "${RUN_CPU_CAP_DPO:-180}" bench_fused_dpo_cpu.py "${DPO[@]}"
-part step "${RUN_CPU_CAP_STEP:-170}" bench_step_cpu.py "${STEP[@]}"
+STEP_CAP="${RUN_CPU_CAP_STEP:-170}"
+part step "$STEP_CAP" bench_step_cpu.py --budget $((STEP_CAP - 20)) "${STEP[@]}"
 part targets 30 targets_cpu.py
 echo "== total $SECONDS s"
 exit $STATUS

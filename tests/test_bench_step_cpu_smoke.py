@@ -39,3 +39,17 @@ def test_rounds_rotate_the_method_order(bench):
     methods = ["a", "b", "c"]
     assert [bench._rotated(methods, i) for i in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
                                                               ["a", "b", "c"]]
+
+
+def test_budget_stops_before_a_round_that_would_overrun(bench):
+    """--budget 0: the first round runs (its JSON and PNG written), no later one starts; F and the tree agreement
+    come from that round."""
+    path = bench.main(["--rounds", "3", "--budget", "0", "--methods", "fastpref_dpo", "fastpref_sr_dpo",
+                       "--modes", "lora", "--pairs", "2", "--micro-batch", "1", "--steps", "1", "--warmup", "1",
+                       "--case", "6", "5", "7", "--hidden", "64", "--vocab", "601"])
+    assert path.with_suffix(".png").exists()
+    saved = json.loads(path.read_text())
+    assert saved["meta"]["rounds_done"] == 1 and saved["meta"]["budget_s"] == 0
+    records = saved["records"]
+    assert [len(r["round_step_ms"]) for r in records] == [1, 1]
+    assert "max_abs_diff_aug" in next(r for r in records if r["method"] == "fastpref_sr_dpo")

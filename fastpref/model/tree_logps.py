@@ -1,9 +1,9 @@
 """Per-sequence chosen/rejected log-probs of a tree-packed stream, optionally after a cached shared prefix.
 
 One forward of the causal LM over the tree stream (:mod:`fastpref.model.tree_stream`) with its 4D mask and explicit
-position_ids; the model's ``lm_head`` is replaced for the call by :func:`fastpref.linear_logps` over the gathered
-rows ``tree.row_index`` (the prompt's last row twice), so no [rows, vocab] logits exist and no transformer work
-is repeated:
+position_ids (sdpa attention pair by pair, :mod:`fastpref.model.pair_attention`); the model's ``lm_head`` is
+replaced for the call by :func:`fastpref.linear_logps` over the gathered rows ``tree.row_index`` (the prompt's
+last row twice), so no [rows, vocab] logits exist and no transformer work is repeated:
 
     chosen_logps[i]   = Σ_j log p(y_w,i[j] | x_i, y_w,i[<j])
     rejected_logps[i] = Σ_j log p(y_l,i[j] | x_i, y_l,i[<j])
@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from fastpref.model.head import KeptRows, stream_logps
+from fastpref.model.pair_attention import pairwise_sdpa
 from fastpref.model.prefix_kv import PrefixKV, check_cache_forward, frozen_forward
 from fastpref.model.attention import check_attention_inputs
 from fastpref.model.tree_stream import TreeBatch, attention_mask_for
@@ -54,8 +55,9 @@ def tree_logps(model: torch.nn.Module, tree: TreeBatch, *, prefix: PrefixKV | No
     """
     attention_mask, past_key_values = tree_forward_inputs(model, tree, prefix=prefix, attention_mask=attention_mask)
     rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
-    out = stream_logps(model, tree.input_ids, rows, position_ids=tree.position_ids, attention_mask=attention_mask,
-                       past_key_values=past_key_values, backend=backend)
+    with pairwise_sdpa(model, attention_mask, tree.pair_lengths, tree.position_offset):
+        out = stream_logps(model, tree.input_ids, rows, position_ids=tree.position_ids, attention_mask=attention_mask,
+                           past_key_values=past_key_values, backend=backend)
     logps, counts = out.logps, out.counts
     b = tree.num_pairs
     return TreeLogps(chosen_logps=logps[:b], rejected_logps=logps[b:], chosen_counts=counts[:b],

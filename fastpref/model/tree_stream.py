@@ -53,6 +53,8 @@ class TreeBatch:
     num_pairs:    B.
     position_offset: length of the shared prefix the positions start after (0 without one).
     max_position: the largest position id + 1 (a Python int computed when building, so checks need no sync).
+    pair_lengths: the stream rows of each pair (or prompt with its branches), in order (Python ints; empty when
+                  not known, e.g. a tree rebuilt from a batch without them).
     """
 
     input_ids: torch.Tensor
@@ -65,6 +67,7 @@ class TreeBatch:
     num_pairs: int
     position_offset: int = 0
     max_position: int = 0
+    pair_lengths: tuple[int, ...] = ()
 
     @property
     def length(self) -> int:
@@ -107,7 +110,7 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
 
     tokens, positions, pairs, roles = [], [], [], []
     chosen_rows, chosen_labels, rejected_rows, rejected_labels = [], [], [], []
-    chosen_counts, rejected_counts = [], []
+    chosen_counts, rejected_counts, pair_lengths = [], [], []
     max_position = 0
     for pair, (x, y_w, y_l) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
         start, a, m, n = len(tokens), len(x), len(y_w), len(y_l)
@@ -124,6 +127,7 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
         rejected_labels += y_l
         chosen_counts.append(m)
         rejected_counts.append(n)
+        pair_lengths.append(a + m + n)
         max_position = max(max_position, position_offset + a + max(m, n))
 
     counts = torch.tensor(chosen_counts + rejected_counts, dtype=torch.long)
@@ -138,6 +142,7 @@ def build_tree_batch(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[S
         num_pairs=num_pairs,
         position_offset=position_offset,
         max_position=max_position,
+        pair_lengths=tuple(pair_lengths),
     )
 
 
@@ -162,7 +167,7 @@ def build_branch_tree(prompt_ids: Sequence[Sequence[int]], branch_ids: Sequence[
         _check_token_lists(f"branch_ids[{b}]", branches, len(branches))
     if position_offset < 0:
         raise ValueError(f"position_offset must be >= 0, got {position_offset}")
-    tokens, positions, prompts, roles, rows, labels, counts = [], [], [], [], [], [], []
+    tokens, positions, prompts, roles, rows, labels, counts, pair_lengths = [], [], [], [], [], [], [], []
     max_position = 0
     for b, (x, branches) in enumerate(zip(prompt_ids, branch_ids)):
         a, last_prompt_row = len(x), len(tokens) + len(x) - 1
@@ -178,6 +183,7 @@ def build_branch_tree(prompt_ids: Sequence[Sequence[int]], branch_ids: Sequence[
             labels += y
             counts.append(len(y))
             max_position = max(max_position, position_offset + a + len(y))
+        pair_lengths.append(len(tokens) - len(prompts))
         prompts += [b] * (len(tokens) - len(prompts))
     return TreeBatch(
         input_ids=torch.tensor([tokens], dtype=torch.long),
@@ -190,6 +196,7 @@ def build_branch_tree(prompt_ids: Sequence[Sequence[int]], branch_ids: Sequence[
         num_pairs=num_prompts,
         position_offset=position_offset,
         max_position=max_position,
+        pair_lengths=tuple(pair_lengths),
     )
 
 

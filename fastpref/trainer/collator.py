@@ -18,8 +18,9 @@ first P columns (the cached prefix) are visible to every row.
 With ``layout="tree"`` each stream is one tree-packed row (:mod:`fastpref.model.tree_stream`: every pair as
 [x, y_w, y_l], the prompt once): ``{s}input_ids``/``{s}position_ids`` [1, L], ``{s}tree_pair_ids`` and
 ``{s}tree_role_ids`` [L] (from which the trainer builds the 4D mask on the device), ``{s}tree_position_offset``
-and ``{s}tree_max_position`` (Python ints), and the kept rows (the prompt's last row twice). With ``aug_prefix``
-the augmented tree holds what follows p, its positions starting at P.
+and ``{s}tree_max_position`` (Python ints), ``{s}tree_pair_lengths`` (a tuple of ints: each pair's rows, for
+sdpa pair by pair, :mod:`fastpref.model.pair_attention`), and the kept rows (the prompt's last row twice). With
+``aug_prefix`` the augmented tree holds what follows p, its positions starting at P.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class StepCollator:
         out = {f"{prefix}input_ids": tree.input_ids, f"{prefix}position_ids": tree.position_ids,
                f"{prefix}tree_pair_ids": tree.pair_ids, f"{prefix}tree_role_ids": tree.role_ids,
                f"{prefix}tree_position_offset": tree.position_offset,
-               f"{prefix}tree_max_position": tree.max_position}
+               f"{prefix}tree_max_position": tree.max_position,
+               f"{prefix}tree_pair_lengths": tree.pair_lengths}
         rows = KeptRows(index=tree.row_index, labels=tree.labels, cu_seqlens=tree.cu_seqlens)
         out.update(_rows_dict(prefix, rows))
         weights = self._token_weights(rows, column_weights)
@@ -196,4 +198,5 @@ def tree_from_batch(batch: dict, prefix: str = "") -> TreeBatch:
                      row_index=batch[f"{prefix}kept_index"], labels=batch[f"{prefix}kept_labels"],
                      cu_seqlens=cu_seqlens, num_pairs=(cu_seqlens.shape[0] - 1) // 2,
                      position_offset=batch[f"{prefix}tree_position_offset"],
-                     max_position=batch[f"{prefix}tree_max_position"])
+                     max_position=batch[f"{prefix}tree_max_position"],
+                     pair_lengths=tuple(batch.get(f"{prefix}tree_pair_lengths", ())))

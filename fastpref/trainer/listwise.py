@@ -99,8 +99,8 @@ class ListwiseCollator:
                                  [[list(y) for y in f[LISTWISE_TOKEN_COLUMN]] for f in features])
         return {"input_ids": tree.input_ids, "position_ids": tree.position_ids, "tree_pair_ids": tree.pair_ids,
                 "tree_role_ids": tree.role_ids, "tree_position_offset": tree.position_offset,
-                "tree_max_position": tree.max_position, "kept_index": tree.row_index, "kept_labels": tree.labels,
-                "kept_cu_seqlens": tree.cu_seqlens}
+                "tree_max_position": tree.max_position, "tree_pair_lengths": tree.pair_lengths,
+                "kept_index": tree.row_index, "kept_labels": tree.labels, "kept_cu_seqlens": tree.cu_seqlens}
 
     def _padded(self, features: list[dict]) -> dict:
         sequences = [(list(f["prompt_input_ids"]), list(y)) for f in features for y in f[LISTWISE_TOKEN_COLUMN]]

@@ -27,6 +27,7 @@ from fastpref.losses import listwise_loss, odpo_offset, preference_loss, tau_fro
 from fastpref.losses.listwise import LISTWISE_LOSS_TYPES
 from fastpref.losses.table import LOSS_DEFINITIONS, refinement_delta
 from fastpref.model.head import StreamLogps, stream_logps, unwrap_causal_lm
+from fastpref.model.pair_attention import pairwise_sdpa
 from fastpref.model.prefix_kv import (PrefixKV, StepPrefixKV, compute_prefix_kv, frozen_forward,
                                       gathered_parameters)
 from fastpref.model.tree_logps import tree_forward_inputs
@@ -185,8 +186,11 @@ class PreferenceTrainer(Trainer):
         # checks (each would be a host sync on CUDA).
         with skip_value_checks(), contextlib.nullcontext() if cached is None else frozen_forward(model):
             attention_mask, cache = self._attention_inputs(model, batch, prefix, cached)
-            out = stream_logps(model, batch[f"{prefix}input_ids"], rows_from_batch(batch, prefix),
-                               attention_mask=attention_mask, past_key_values=cache, **kwargs)
+            pairs = batch.get(f"{prefix}tree_pair_lengths", ()) if self.stream_layout == "tree" else ()
+            offset = batch.get(f"{prefix}tree_position_offset", 0)
+            with pairwise_sdpa(unwrap_causal_lm(model), attention_mask, pairs, offset):
+                out = stream_logps(model, batch[f"{prefix}input_ids"], rows_from_batch(batch, prefix),
+                                   attention_mask=attention_mask, past_key_values=cache, **kwargs)
         if cached is None:
             return out
         return StreamLogps(*(None if t is None else t.clone() for t in out))
