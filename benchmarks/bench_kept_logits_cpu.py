@@ -172,7 +172,7 @@ def measure(shape, dtype, repeats, budgets, aten):
         if name.startswith("kept@"):
             budget = int(name[5:]) << 20
             rec.update(chunk_rows=min(rows, _chunk_rows(seq_rows, vocab, budget, 4)),
-                       auto_rule_takes_kept=kept_path_wins(rows, rows // seq_rows // 2, vocab, budget))
+                       auto_rule_takes_kept=kept_path_wins(rows, rows // seq_rows // 2, vocab, budget, dtype))
         if name == "aten3":
             rec.update(chunk_rows=min(rows, _chunk_rows(seq_rows, vocab, budgets[-1] << 20, 4)),
                        gemm_ms_mean=1e3 * clock["gemm"] / repeats, elementwise_ms_mean=1e3 * clock["elementwise"] / repeats)

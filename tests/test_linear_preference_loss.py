@@ -160,6 +160,10 @@ def test_auto_rule_follows_chunk_rows():
     assert kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB, 2 * pair_rows * KEPT_MAX_VOCAB * 4)
     assert not kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB, 2 * pair_rows * KEPT_MAX_VOCAB * 4 - 1)
     assert not kept_path_wins(pair_rows * 8, 8, KEPT_MAX_VOCAB + 1, 1 << 40)
+    # native bf16 GEMMs make the composed path the faster one for half-precision inputs
+    assert kept_path_wins(2048, 8, 32000, budget, torch.float64)
+    assert not kept_path_wins(2048, 8, 32000, budget, torch.bfloat16)
+    assert not kept_path_wins(2048, 8, 32000, budget, torch.float16)
 
 
 @pytest.mark.parametrize("kwargs,match", [
