@@ -64,11 +64,11 @@ def chunk_rows(pair_rows: int, vocab: int, memory_budget: int) -> int:
 def kept_path_wins(rows: int, pairs: int, vocab: int, memory_budget: int, dtype: torch.dtype = torch.float32) -> bool:
     """The automatic rule, read off the measurements (docs/design.md): the kept path for float32/float64 inputs when
     V <= KEPT_MAX_VOCAB and a chunk (at the mean pair length) holds at least KEPT_MIN_CHUNK_ROWS rows. Not for
-    fp16/bf16: the kept kernels upcast their tiles, and the composed cpp path runs native bf16 GEMMs, so the saved
-    GEMM no longer pays (the kept path measured 0.87-1.06x of it in bf16 at V = 32000). Each chunk rereads W and reads-writes
+    fp16/bf16: the kept kernels upcast their tiles while the composed cpp path runs native bf16 GEMMs, so the saved
+    GEMM no longer pays there (docs/design.md has the measurements). Each chunk rereads W and reads-writes
     dW (V·D elements), and its tile of rows × V logits streams through memory instead of staying in cache; short
-    chunks and large vocabularies lose the saved GEMM to that traffic (at V = 151936 even 384-row chunks fell
-    short of 15%), long chunks at a 32k vocabulary save it outright."""
+    chunks and large vocabularies lose the saved GEMM to that traffic, long chunks at a 32k vocabulary save it
+    outright."""
     pair_rows = -(-rows // max(pairs, 1))
     return (dtype in (torch.float32, torch.float64) and vocab <= KEPT_MAX_VOCAB
             and chunk_rows(pair_rows, vocab, memory_budget) >= KEPT_MIN_CHUNK_ROWS)
